@@ -1,0 +1,131 @@
+"""Advantage estimators ("deltas" in the lecture): rewards -> per-token advantages.
+
+Interface: ``estimator(rewards, group_size, mask, *, hparams) -> advantages [N, T]``.
+
+- ``rewards`` is either one number per completion (outcome reward, shape ``[N]``) or one per completion
+  token (process reward, shape ``[N, T]``).
+- Rows are grouped prompt-major: rows ``g*G .. g*G + G - 1`` are the G completions of prompt g.
+- Outcome advantages are broadcast to every real token of the completion; process rewards use the same
+  formula position by position, over the completions of the group that have a real token there.
+- The result is zero on masked positions and carries no gradient.
+
+GAE (PPO's critic-based estimator) needs values and lives with the PPO loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlx.errors import RlxError
+from rlx.masked import masked_mean, masked_var
+from rlx.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator", ["rlx.advantages"])
+
+
+def _grouped(rewards: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Reshape to ``[groups, G, T]`` values and mask (outcome rewards become ``T = 1``)."""
+    n = rewards.shape[0]
+    if group_size < 1 or n % group_size:
+        raise RlxError(f"batch of {n} completions does not split into groups of {group_size}")
+    if rewards.dim() == 1:
+        values = rewards.view(-1, group_size, 1)
+        valid = torch.ones_like(values)
+    else:
+        values = rewards.view(-1, group_size, rewards.shape[1])
+        valid = mask.view(-1, group_size, mask.shape[1]).to(values.dtype)
+    return values, valid
+
+
+def _to_tokens(adv: Tensor, like: Tensor, mask: Tensor) -> Tensor:
+    """``[groups, G, 1 or T]`` -> ``[N, T]``, zero on masked positions, detached."""
+    adv = adv.reshape(like.shape[0], -1).expand(-1, mask.shape[1])
+    return torch.where(mask.bool(), adv, torch.zeros_like(adv)).detach()
+
+
+def group_mean(rewards: Tensor, mask: Tensor, group_size: int) -> Tensor:
+    """Mean reward of each completion's group (per position for process rewards), ``[groups, 1, T]``."""
+    values, valid = _grouped(rewards, mask, group_size)
+    return masked_mean(values, valid, dim=1).unsqueeze(1)
+
+
+def group_std(rewards: Tensor, mask: Tensor, group_size: int) -> Tensor:
+    """Unbiased sample std within each group (torch's default), ``[groups, 1, T]``."""
+    values, valid = _grouped(rewards, mask, group_size)
+    return masked_var(values, valid, dim=1).sqrt().unsqueeze(1)
+
+
+@ADVANTAGES.register("none")
+def raw_reward_advantage(rewards: Tensor, group_size: int, mask: Tensor) -> Tensor:
+    """A_i = r_i: naive policy gradient (Williams 1992 REINFORCE without a baseline)."""
+    values, _ = _grouped(rewards, mask, group_size)
+    return _to_tokens(values, rewards, mask)
+
+
+@ADVANTAGES.register("center")
+def group_centred_advantage(rewards: Tensor, group_size: int, mask: Tensor) -> Tensor:
+    """A_i = r_i - mean_group(r): the group mean as baseline (Dr. GRPO, Liu et al. 2025)."""
+    values, _ = _grouped(rewards, mask, group_size)
+    return _to_tokens(values - group_mean(rewards, mask, group_size), rewards, mask)
+
+
+@ADVANTAGES.register("group_std", min_group_size=2)
+def group_normalised_advantage(
+    rewards: Tensor, group_size: int, mask: Tensor, *, eps: float = 1e-6
+) -> Tensor:
+    """A_i = (r_i - mean_group(r)) / (std_group(r) + eps): GRPO (Shao et al. 2024, DeepSeekMath).
+
+    std is the unbiased sample std. A group whose rewards are all equal gets A = 0.
+    """
+    values, _ = _grouped(rewards, mask, group_size)
+    centred = values - group_mean(rewards, mask, group_size)
+    return _to_tokens(centred / (group_std(rewards, mask, group_size) + eps), rewards, mask)
+
+
+@ADVANTAGES.register("batch_std", min_group_size=2)
+def batch_normalised_advantage(
+    rewards: Tensor, group_size: int, mask: Tensor, *, eps: float = 1e-6
+) -> Tensor:
+    """Centre per group, then divide by the std of the centred rewards over the whole batch.
+
+    This is REINFORCE++-baseline (Hu et al. 2025): scale-invariant like GRPO, but the scale comes from
+    the whole batch, so it is less noisy for small G and does not blow up low-variance groups.
+    Departure: Lite PPO (Liu et al. 2025, "Tricks or Traps") divides by the batch std of the raw
+    rewards instead; the two differ by the between-prompt variance.
+    """
+    values, valid = _grouped(rewards, mask, group_size)
+    centred = values - group_mean(rewards, mask, group_size)
+    std = masked_var(centred, valid).sqrt()
+    return _to_tokens(centred / (std + eps), rewards, mask)
+
+
+@ADVANTAGES.register("rloo", min_group_size=2)
+def leave_one_out_advantage(rewards: Tensor, group_size: int, mask: Tensor) -> Tensor:
+    """A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean_group(r)): RLOO (Ahmadian et al. 2024).
+
+    For process rewards the count G is the number of completions with a real token at that position.
+    """
+    values, valid = _grouped(rewards, mask, group_size)
+    count = valid.sum(dim=1, keepdim=True)
+    scale = count / (count - 1).clamp(min=1)
+    centred = values - group_mean(rewards, mask, group_size)
+    return _to_tokens(torch.where(count > 1, scale * centred, torch.zeros_like(centred)), rewards, mask)
+
+
+@ADVANTAGES.register("max")
+def group_max_advantage(rewards: Tensor, group_size: int, mask: Tensor) -> Tensor:
+    """A_i = r_i where r_i is the group's maximum, else 0 (the lecture's ``max_rewards`` mode).
+
+    All-or-nothing credit, meant to stop a policy settling for partial credit; not from a paper.
+    """
+    values, valid = _grouped(rewards, mask, group_size)
+    neg_inf = torch.full_like(values, float("-inf"))
+    best = torch.where(valid.bool(), values, neg_inf).amax(dim=1, keepdim=True)
+    return _to_tokens(torch.where(values == best, values, torch.zeros_like(values)), rewards, mask)
+
+
+def frac_zero_std_groups(sequence_rewards: Tensor, group_size: int) -> float:
+    """Share of groups whose (sequence-level) rewards are all equal: their group advantage is 0."""
+    groups = sequence_rewards.view(-1, group_size)
+    return (groups.amax(1) == groups.amin(1)).float().mean().item()

@@ -1,0 +1,238 @@
+"""``rlx``: the command line. Thin: ``train`` hands its arguments to Hydra, the rest to small handlers.
+
+rlx train [overrides]        train one job (Hydra: --help, --cfg job, -m for a sweep)
+rlx eval RUN_DIR|CHECKPOINT  held-out reward and exact accuracy of a run's final model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rlx.errors import RlxError
+
+CONF_PACKAGE = "rlx.conf"
+HYDRA_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr and a non-zero exit."""
+    print(f"rlx: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# --------------------------------------------------------------------------------------------------
+# rlx train
+# --------------------------------------------------------------------------------------------------
+def _hydra_main() -> Any:
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_PACKAGE}", config_name="train")
+    def _train(cfg: DictConfig) -> float | None:
+        from rlx.train import train
+
+        try:
+            summary = train(cfg)
+        except RlxError as exc:
+            fail(str(exc))
+        return summary.get("eval/exact")  # the objective a Hydra sweeper maximises
+
+    return _train
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Every config group shipped with rlx and its options (from the packaged YAML files)."""
+    root = resources.files(CONF_PACKAGE)
+    groups: dict[str, list[str]] = {}
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name not in ("hydra", "__pycache__"):
+            groups[entry.name] = sorted(f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml"))
+    return groups
+
+
+def _split_args(args: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, multirun?, skip the pre-check?) from ``rlx train`` arguments."""
+    overrides: list[str] = []
+    multirun = skip = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-m", "--multirun"):
+            multirun = True
+        elif a in ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--resolve"):
+            skip = True
+        elif a in HYDRA_FLAGS_WITH_VALUE:
+            skip = skip or a in (
+                "--cfg",
+                "-c",
+                "--info",
+                "--config-path",
+                "-cp",
+                "--config-name",
+                "-cn",
+                "--config-dir",
+                "-cd",
+                "--experimental-rerun",
+            )
+            i += 1
+        elif a.startswith("-"):
+            skip = True
+        else:
+            overrides.append(a)
+        i += 1
+    return overrides, multirun, skip
+
+
+def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
+    """Turn a Hydra composition error into one line that names the culprit and the choices."""
+    text = str(exc)
+    groups = config_groups()
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if key in groups and value and value not in groups[key] and "," not in value:
+            return f"unknown {key} {value!r}; choose from: {', '.join(groups[key])}"
+    if "not in struct" in text or "Could not override" in text or "Could not append" in text:
+        key = text.split("'")[1] if "'" in text else "?"
+        parent, _, _leaf = key.rpartition(".")
+        valid = _keys_of(parent)
+        hint = f"; keys of {parent or 'the config'}: {', '.join(valid)}" if valid else ""
+        return f"unknown key {key!r}{hint}"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first
+
+
+def _keys_of(path: str) -> list[str]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        cfg = _compose([])
+        node = OmegaConf.select(cfg, path) if path else cfg
+        return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    except Exception:
+        return []
+
+
+def _compose(overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+            from omegaconf import OmegaConf
+
+            return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists of every job a (basic) sweep would run; one job when not sweeping."""
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    if not multirun:
+        return [job_overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(job_overrides)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def precheck(overrides: list[str], multirun: bool) -> None:
+    """Compose and plan every job before any work starts; raise RlxError with one line on bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlx.train import plan
+
+    try:
+        jobs = _sweep_jobs(overrides, multirun)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise RlxError(_explain_hydra_error(exc, overrides)) from exc
+    except Exception:  # a sweeper syntax the basic sweeper cannot expand: leave it to Hydra
+        return
+    for job in jobs[:256]:
+        try:
+            cfg = _compose(job)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise RlxError(_explain_hydra_error(exc, job)) from exc
+        try:
+            plan(cfg)
+        except RlxError as exc:
+            prefix = f"job {' '.join(job)}: " if multirun and len(jobs) > 1 else ""
+            raise RlxError(f"{prefix}{exc}") from exc
+        except (OmegaConfBaseException, KeyError, TypeError) as exc:
+            raise RlxError(f"bad config: {str(exc).splitlines()[0]}") from exc
+
+
+def cmd_train(args: list[str]) -> None:
+    overrides, multirun, skip = _split_args(args)
+    if not skip:
+        try:
+            precheck(overrides, multirun)
+        except RlxError as exc:
+            fail(str(exc))
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    _hydra_main()()
+
+
+# --------------------------------------------------------------------------------------------------
+# rlx eval
+# --------------------------------------------------------------------------------------------------
+def cmd_eval(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rlx eval", description="Held-out reward and exact accuracy of a run or checkpoint."
+    )
+    parser.add_argument("path", help="a run directory (uses its final/ model) or a checkpoint directory")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--show", type=int, default=5, help="print N example completions")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    ns = parser.parse_args(argv)
+    from rlx.evaluate import run_eval
+
+    run_eval(ns)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nRun `rlx train --help` for the training options.")
+        raise SystemExit(0 if argv else 2)
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        fail(f"unknown command {cmd!r}; choose from: {', '.join(COMMANDS)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        COMMANDS[cmd](rest)
+    except RlxError as exc:
+        fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training loops: online (REINFORCE / RLOO / GRPO family) and, later, offline ones."""

@@ -1,0 +1,77 @@
+"""Policy losses, per token and before aggregation.
+
+Interface: ``loss(logp, old_logp, advantages, mask, *, hparams) -> (per_token_loss, metrics)``.
+``logp`` carries the gradient; ``old_logp`` (pi_old, recorded at sampling time) and ``advantages`` are
+constants. ``metrics`` are detached, masked scalars. Aggregation to one number is a separate, named
+step (`rlx.losses.aggregation`).
+
+Erratum in the lecture's ``compute_loss``: its "unclipped" and "clipped" ratios are written as
+``log_probs / old_log_probs``; the ratio is ``exp(logp - old_logp)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlx.errors import RlxError
+from rlx.masked import masked_mean
+from rlx.registry import Registry
+
+POLICY_LOSSES = Registry("policy loss", ["rlx.losses.policy"])
+
+
+def approx_kl_old(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(pi_old || pi_theta) from tokens sampled by pi_old: (ratio - 1) - log ratio."""
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask).detach()
+
+
+@POLICY_LOSSES.register("pg")
+def policy_gradient_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_t = -A_t * log pi_theta(y_t): REINFORCE (Williams 1992), the lecture's "naive" loss.
+
+    ``old_logp`` is unused by the loss; it only feeds the ``kl/old`` metric.
+    """
+    log_ratio = (logp - old_logp).detach()
+    return -advantages * logp, {"kl/old": approx_kl_old(log_ratio, mask)}
+
+
+@POLICY_LOSSES.register("clipped")
+def clipped_surrogate_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), as used by GRPO (Shao et al. 2024).
+
+    ratio_t = exp(logp_t - old_logp_t);
+    L_t = -min(ratio_t * A_t, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_t).
+    ``eps_high > eps_low`` is DAPO's clip-higher (Yu et al. 2025). ``dual_clip = c`` (Ye et al. 2020)
+    bounds the loss of negative-advantage tokens by -c * A_t, c > 1. With one update per batch the
+    ratio is 1 and the gradient equals REINFORCE's.
+    Metrics: ``clip_frac`` (share of real tokens whose clipped term was the active one) and ``kl/old``.
+    """
+    if eps_low < 0 or eps_high < 0 or eps_low >= 1:
+        raise RlxError(f"clipped loss needs 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise RlxError(f"clipped loss: dual_clip must be > 1 (Ye et al. 2020), got {dual_clip}")
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(pg_loss1, pg_loss2)
+    if dual_clip is not None:
+        pg_loss3 = -advantages * dual_clip
+        loss = torch.where(advantages < 0, torch.minimum(loss, pg_loss3), loss)
+    metrics = {
+        "clip_frac": masked_mean((pg_loss2 > pg_loss1).to(logp.dtype), mask).detach(),
+        "kl/old": approx_kl_old(log_ratio.detach(), mask),
+    }
+    return loss, metrics

@@ -1,0 +1,122 @@
+"""Models: builders for the ``model`` config group, each returning a `Policy`.
+
+A model YAML names its builder with Hydra's ``_target_``; the other keys are the builder's keyword
+arguments, checked against its signature at start-up. ``init_from`` loads a ``save_pretrained``
+directory (an rlx checkpoint or any local causal LM with its tokenizer) instead of a fresh init.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+from rlx.errors import RlxError
+from rlx.models.policy import Policy, Sampling, token_logp
+from rlx.models.tiny_policy import TinyPolicyConfig, TinyPolicyModel
+from rlx.models.tokenizer import build_number_tokenizer
+from rlx.models.toy_sort import ToySortConfig, ToySortModel
+from rlx.registry import instantiate_checked
+from rlx.tasks import Task
+
+__all__ = ["Policy", "Sampling", "build_model", "load_pretrained", "token_logp"]
+
+hf_logging.disable_progress_bar()  # rlx shows its own progress; HF's bars would interleave
+
+
+class _DropPaddingHint(logging.Filter):
+    """generate() warns about a missing attention mask when a policy *samples* the pad token in its
+    decoding steps; rlx always passes the prompt's mask and masks completions by EOS, so the hint
+    is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+hf_logging.get_logger("transformers").addFilter(_DropPaddingHint())
+hf_logging.get_logger("transformers.modeling_utils").addFilter(_DropPaddingHint())
+
+
+def _number_task(task: Task, model: str) -> tuple[int, int]:
+    if not hasattr(task, "vocab") or not hasattr(task, "length"):
+        raise RlxError(f"model={model} works on integer tasks (task=sort); task={task.name} is not one")
+    return int(task.vocab), int(task.length)
+
+
+def load_pretrained(path: str | Path, task: Task, name: str) -> Policy:
+    """A policy from a ``save_pretrained`` directory (model + tokenizer)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RlxError(f"{path} is not a save_pretrained model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Policy(model, tokenizer, task, name)
+
+
+def build_toy_sort(task: Task, *, embedding_dim: int = 10, init_from: str | None = None) -> Policy:
+    """The lecture's per-position model (`rlx.models.toy_sort`)."""
+    if init_from:
+        return load_pretrained(init_from, task, "toy_sort")
+    vocab, length = _number_task(task, "toy_sort")
+    if embedding_dim < 1:
+        raise RlxError(f"model.embedding_dim must be positive, got {embedding_dim}")
+    cfg = ToySortConfig(
+        vocab_size=vocab, embedding_dim=embedding_dim, prompt_length=length, response_length=length
+    )
+    return Policy(ToySortModel(cfg), build_number_tokenizer(vocab, specials=False), task, "toy_sort")
+
+
+def build_tiny_policy(task: Task, *, hidden_size: int = 16, init_from: str | None = None) -> Policy:
+    """Seed 001's embedding + linear head (`rlx.models.tiny_policy`)."""
+    if init_from:
+        return load_pretrained(init_from, task, "tiny_policy")
+    vocab, _ = _number_task(task, "tiny_policy")
+    cfg = TinyPolicyConfig(vocab_size=vocab, hidden_size=hidden_size)
+    return Policy(TinyPolicyModel(cfg), build_number_tokenizer(vocab, specials=False), task, "tiny_policy")
+
+
+def build_tiny_gpt(
+    task: Task,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 128,
+    n_head: int = 4,
+    n_positions: int = 64,
+    init_from: str | None = None,
+) -> Policy:
+    """A GPT-2 built from a config (random init) with rlx's number tokenizer.
+
+    Dropout is 0: RL compares log-probs of the same tokens across forward passes (old vs new), and
+    dropout noise would show up as spurious ratios (TRL's ``disable_dropout`` for the same reason).
+    """
+    if init_from:
+        return load_pretrained(init_from, task, "tiny_gpt")
+    vocab, length = _number_task(task, "tiny_gpt")
+    if n_embd % n_head:
+        raise RlxError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head}")
+    tokenizer = build_number_tokenizer(vocab, specials=True)
+    needed = length + 2 + task.max_new_tokens
+    if needed > n_positions:
+        raise RlxError(f"model.n_positions={n_positions} is too small for {needed} tokens")
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Policy(GPT2LMHeadModel(cfg), tokenizer, task, "tiny_gpt")
+
+
+def build_model(node: dict[str, Any], task: Task) -> Policy:
+    """Instantiate the ``model`` config node (``_target_`` + keyword arguments) for ``task``."""
+    return instantiate_checked(node, where="model", task=task)

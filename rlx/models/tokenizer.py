@@ -1,0 +1,36 @@
+"""Tokenizers rlx builds for number vocabularies (the sort task), as real `transformers` tokenizers.
+
+Each number 0..V-1 is one word-level token, so ``AutoTokenizer.from_pretrained`` on a checkpoint gives
+back exactly the tokenizer training used. With ``specials`` (for GPT-style models) the ids are
+``<pad>=0 <bos>=1 <eos>=2 <sep>=3`` then the numbers, and a prompt "3 1 0 2" encodes as
+``<bos> 3 1 0 2 <sep>``; without them (the toy models) token id == number.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>")
+
+
+def build_number_tokenizer(vocab: int, *, specials: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the strings "0" .. str(vocab - 1)."""
+    words = [*SPECIALS, *map(str, range(vocab))] if specials else [str(i) for i in range(vocab)]
+    table = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(table, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    if not specials:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <sep>", special_tokens=[("<bos>", table["<bos>"]), ("<sep>", table["<sep>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        sep_token="<sep>",
+        padding_side="left",
+    )

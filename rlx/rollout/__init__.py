@@ -1,0 +1,83 @@
+"""Rollout: sample G completions per prompt and record what the update needs.
+
+The old log-probs (pi_old = the policy that sampled) are computed from the logits that sampling
+produced, so a batch used for one update costs no extra forward pass for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlx.models import Policy, Sampling, token_logp
+from rlx.tasks import PromptBatch
+
+
+@dataclass
+class Rollout:
+    """N = groups * G sampled completions, grouped prompt-major, with ``[N, T]`` tensors."""
+
+    batch: PromptBatch  # one row per completion (prompts repeated G times)
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P]
+    tokens: Tensor  # [N, T]
+    mask: Tensor  # [N, T] float: real completion tokens (through the first EOS)
+    old_logp: Tensor  # [N, T] log pi_old(y_t), 0 on padding
+    completions: list[Any]  # task-level completions (what rewards see)
+    group_size: int
+
+    @property
+    def num_groups(self) -> int:
+        return self.tokens.shape[0] // self.group_size
+
+    def select_groups(self, groups: list[int]) -> Rollout:
+        rows = [g * self.group_size + i for g in groups for i in range(self.group_size)]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        tensors = {
+            f.name: getattr(self, f.name).index_select(0, idx)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return replace(
+            self, batch=self.batch.select(rows), completions=[self.completions[r] for r in rows], **tensors
+        )
+
+    @staticmethod
+    def concat(parts: list[Rollout]) -> Rollout:
+        width = max(p.prompt_ids.shape[1] for p in parts)
+
+        def left_pad(t: Tensor, value: float) -> Tensor:
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+        return Rollout(
+            batch=PromptBatch.concat([p.batch for p in parts]),
+            prompt_ids=torch.cat([left_pad(p.prompt_ids, 0) for p in parts]),
+            prompt_mask=torch.cat([left_pad(p.prompt_mask, 0) for p in parts]),
+            tokens=torch.cat([p.tokens for p in parts]),
+            mask=torch.cat([p.mask for p in parts]),
+            old_logp=torch.cat([p.old_logp for p in parts]),
+            completions=[c for p in parts for c in p.completions],
+            group_size=parts[0].group_size,
+        )
+
+
+def sample_groups(policy: Policy, prompts: PromptBatch, group_size: int, sampling: Sampling) -> Rollout:
+    """G sampled completions for each prompt, with their sampling-time log-probs."""
+    ids, mask = policy.encode(prompts.prompts)
+    ids = ids.repeat_interleave(group_size, dim=0)
+    mask = mask.repeat_interleave(group_size, dim=0)
+    tokens, comp_mask, logits = policy.generate(ids, mask, sampling)
+    old_logp = token_logp(logits, tokens, sampling.temperature) * comp_mask
+    return Rollout(
+        batch=prompts.repeat(group_size),
+        prompt_ids=ids,
+        prompt_mask=mask,
+        tokens=tokens,
+        mask=comp_mask,
+        old_logp=old_logp,
+        completions=policy.decode(tokens, comp_mask),
+        group_size=group_size,
+    )

@@ -1,0 +1,14 @@
+"""Custom rewards used by the tests through ``reward=custom reward.fn=tests.rewards_for_tests:...``."""
+
+from __future__ import annotations
+
+
+def huge(prompts, completions):
+    """Finite but so large that -A * logp overflows float32: the loss becomes inf."""
+    return [3.0e38 for _ in completions]
+
+
+def length(prompts, completions, ground_truth):
+    """Counts the completion's tokens that spell a number; uses a task column by name."""
+    assert len(ground_truth) == len(prompts)
+    return [float(sum(t is not None for t in c)) for c in completions]

@@ -1,0 +1,152 @@
+"""The command line, run as users run it: bad input, help, sweeps, and `rlx eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from rlx.cli import config_groups, main
+from tests.conftest import TINY, compose_cfg, run_rlx
+
+BAD_INPUT = [
+    (["algo=nope"], "unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, reinforce, rloo"),
+    (["model=gpt9"], "unknown model 'gpt9'; choose from: tiny_gpt, tiny_policy, toy_sort"),
+    (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
+    (["loss.eps_hihg=0.3"], "unknown key 'loss.eps_hihg'; keys of loss: dual_clip, eps_high, eps_low, name"),
+    (["trainer.group_size=1"], "adv_norm=group_std needs trainer.group_size >= 2, got 1"),
+    (["task.length=0"], "task.length must be at least 1, got 0"),
+    (["trainer.lr=-1e-3"], "trainer.lr must be positive, got -0.001"),
+    (["trainer.steps=abc"], "trainer.steps must be int, got 'abc'"),
+    (["adv_norm.eps=x"], "adv_norm.eps must be float, got 'x'"),
+    (["loss.dual_clip=0.5"], "dual_clip must be > 1"),
+    (["reward=custom"], "reward=custom needs reward.fn=my_module:my_reward"),
+    (["reward=custom", "reward.fn=nomodule:fn"], "reward.fn='nomodule:fn' cannot be imported"),
+    (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+    (["algo.minibatches=3"], "do not split into algo.minibatches=3"),
+    (["kl=k3", "kl.placement=elsewhere"], "kl.placement must be loss or reward"),
+    (["-m", "trainer.lr=1e-3,-1"], "job trainer.lr=-1: trainer.lr must be positive"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlx: error: ") and "\n" not in err, err
+    assert message in err
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("metrics.jsonl"))
+
+
+def test_missing_cuda_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", f"trainer.device={device}"])
+    assert exc.value.code == 2
+    assert "no CUDA device is available" in capsys.readouterr().err or torch.cuda.is_available()
+
+
+def test_installed_script_from_another_directory_bad_input(tmp_path):
+    res = run_rlx("train", "algo=nope", cwd=tmp_path)
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip()
+        == "rlx: error: unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, reinforce, rloo"
+    )
+    assert "Traceback" not in res.stderr
+
+
+def test_help_and_cfg_job_work_from_any_directory(tmp_path):
+    res = run_rlx("train", "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for group in ("algo: dapo, dr_grpo, grpo, reinforce, rloo", "adv_norm:", "experiment: lecture_sort"):
+        assert group in res.stdout
+    res = run_rlx("train", "algo=dapo", "--cfg", "job", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "eps_high: 0.28" in res.stdout and "dynamic_sampling: true" in res.stdout
+
+
+def test_every_option_of_every_group_composes_and_plans():
+    from rlx.train import plan
+
+    groups = config_groups()
+    assert set(groups) >= {
+        "algo",
+        "model",
+        "task",
+        "reward",
+        "loss",
+        "kl",
+        "adv_norm",
+        "logger",
+        "experiment",
+    }
+    for group, options in groups.items():
+        for option in options:
+            overrides = [f"{group}={option}"]
+            if (group, option) == ("reward", "custom"):
+                overrides.append("reward.fn=tests.rewards_for_tests:length")
+            cfg = compose_cfg(overrides)
+            plan(cfg)  # raises on any inconsistency
+
+
+def test_a_run_then_rlx_eval(tmp_path):
+    store = tmp_path / "store"
+    res = run_rlx(
+        "train", *TINY, "trainer.steps=3", f"logger.store_dir={store}", "hydra.run.dir=run", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "reward_curve.png", "final"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert (store / "mlflow.db").is_file()
+    res = run_rlx("eval", str(run), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
+    final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert metrics["eval/exact"] == final["eval/exact"]  # the same greedy evaluation, reproduced
+    assert metrics["eval/reward"] == pytest.approx(final["eval/reward"])
+    res = run_rlx("eval", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("rlx: error: ")
+
+
+def test_multirun_sweep_runs_every_job_and_closes_every_mlflow_run(tmp_path):
+    store = tmp_path / "store"
+    res = run_rlx(
+        "train",
+        "-m",
+        "algo=grpo,dapo",
+        *TINY,
+        "trainer.steps=1",
+        f"logger.store_dir={store}",
+        "logger.experiment=sweep",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2 and all((j / "final" / "model.safetensors").is_file() for j in jobs)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("sweep").experiment_id)
+    assert sorted(r.data.params["algo.name"] for r in runs) == ["dapo", "grpo"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["trian"])
+    assert exc.value.code == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_readme_commands_exist():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme

@@ -1,0 +1,217 @@
+"""A few real training steps per algorithm preset on CPU, with MLflow and metrics.jsonl checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from rlx.errors import NonFiniteError
+from rlx.train import build, train
+from tests.conftest import TINY, TINY_RUN, compose_cfg
+
+ALGOS = ["reinforce", "rloo", "grpo", "dr_grpo", "dapo"]
+COMMON_METRICS = {
+    "reward/mean",
+    "reward/std",
+    "frac_reward_zero_std",
+    "adv/mean",
+    "loss/total",
+    "loss/policy",
+    "kl/old",
+    "entropy",
+    "grad_norm",
+    "lr",
+    "time/rollout_s",
+    "time/update_s",
+    "throughput/tokens_per_s",
+}
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The TINY model as every run below initialises it (same seed): a 0-step run saves it."""
+    run = tmp_path_factory.mktemp("init")
+    train(compose_cfg([*TINY, "trainer.steps=0", "logger=none"]), run_dir=run)
+    return load_file(run / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_algo_preset_trains_and_logs(algo, tmp_path, mlflow_store, initial_weights):
+    summary = train(
+        compose_cfg([f"algo={algo}", *TINY, f"logger.store_dir={mlflow_store}"]), run_dir=tmp_path
+    )
+
+    # the policy's parameters changed
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert any(not torch.equal(final[k], initial_weights[k]) for k in initial_weights)
+
+    # metrics.jsonl has every iteration and the final evaluation
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged if "reward/mean" in r] == [1, 2]
+    assert COMMON_METRICS <= set(logged[0])
+    assert "eval/exact" in logged[-1] and "eval/reward" in logged[-1]
+
+    # the same run in MLflow: params = flattened config, metrics by step, artifacts, FINISHED
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algo.name"] == algo
+    assert run.data.params["trainer.group_size"] == "4"
+    assert COMMON_METRICS | {"eval/exact", "eval/reward"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "reward/mean")
+    assert sorted(m.step for m in history) == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "reward_curve.png", "model"} <= artifacts
+    model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= model_files
+
+
+def test_logger_none_still_writes_metrics(tmp_path):
+    summary = train(compose_cfg([*TINY, "logger=none"]), run_dir=tmp_path)
+    assert summary["mlflow_run_id"] is None
+    assert len([r for r in rows(tmp_path) if "reward/mean" in r]) == 2
+    assert (tmp_path / "reward_curve.png").stat().st_size > 1000
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "completion", "reward", "advantage"} <= set(samples[0])
+
+
+@pytest.mark.parametrize("reward", ["sort", "sort_inclusion", "sort_exact", "sort_tokens"])
+def test_every_reward_trains(reward, tmp_path):
+    train(compose_cfg([*TINY, f"reward={reward}", "logger=none"]), run_dir=tmp_path)
+    assert rows(tmp_path)[-1]["eval/reward"] >= 0
+
+
+@pytest.mark.parametrize("model", ["toy_sort", "tiny_policy"])
+def test_toy_models_train(model, tmp_path):
+    train(compose_cfg([*TINY_RUN, f"model={model}", "logger=none"]), run_dir=tmp_path)
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("placement", ["loss", "reward"])
+def test_kl_to_the_reference(placement, tmp_path):
+    cfg = compose_cfg(
+        [*TINY, "kl=k3", "kl.coef=0.1", f"kl.placement={placement}", "trainer.steps=3", "logger=none"]
+    )
+    train(cfg, run_dir=tmp_path)
+    logged = [r for r in rows(tmp_path) if "reward/mean" in r]
+    assert logged[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # pi_ref starts as the policy
+    assert logged[-1]["kl/ref"] > 1e-4  # and the policy moves away from it
+    assert ("loss/kl" in logged[-1]) == (placement == "loss")
+
+
+def test_reference_refresh_every_iteration_keeps_kl_at_zero(tmp_path):
+    cfg = compose_cfg([*TINY, "kl=k3", "kl.ref_refresh=1", "trainer.steps=3", "logger=none"])
+    train(cfg, run_dir=tmp_path)
+    for r in rows(tmp_path):
+        if "kl/ref" in r:
+            assert r["kl/ref"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+)
+def test_micro_batches_give_the_same_update(aggregation, tmp_path):
+    """Gradient accumulation over micro-batches = the unsplit minibatch (padding included: the
+    tiny model samples EOS early in some rows)."""
+    base = [
+        *TINY,
+        "trainer.steps=1",
+        "logger=none",
+        f"algo.aggregation={aggregation}",
+        "algo.entropy_coef=0.01",
+        "kl=k3",
+        "kl.coef=0.1",
+        "trainer.samples_every=0",
+    ]
+    train(compose_cfg(base), run_dir=tmp_path / "whole")
+    train(compose_cfg([*base, "trainer.micro_batch_size=3"]), run_dir=tmp_path / "micro")
+    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "micro" / "final" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_epochs_and_minibatches_make_several_optimizer_steps(tmp_path):
+    cfg = compose_cfg([*TINY, "trainer.steps=1", "algo.epochs=3", "algo.minibatches=2", "logger=none"])
+    session = build(cfg, run_dir=tmp_path)
+    session.trainer.iteration()
+    assert session.scheduler.last_epoch == 6  # 3 epochs x 2 minibatches
+    session.tracker.close()
+
+
+def test_dynamic_sampling_replaces_groups_without_spread(tmp_path):
+    # sort_exact on an untrained model is almost always 0: nearly every group has zero spread
+    cfg = compose_cfg([*TINY, "algo=dapo", "reward=sort_exact", "algo.max_resample_rounds=2", "logger=none"])
+    session = build(cfg, run_dir=tmp_path)
+    ro, rewards, metrics = session.trainer.collect()
+    assert metrics["dynamic/rounds"] == 2  # it kept looking
+    groups = rewards.view(-1, 4)
+    assert (groups.amax(1) != groups.amin(1)).all() or metrics["dynamic/kept_groups"] == 0
+    assert len(ro.tokens) == len(rewards) == ro.group_size * ro.num_groups
+    session.tracker.close()
+
+
+def test_dynamic_sampling_keeps_a_full_batch_when_groups_have_spread(tmp_path):
+    cfg = compose_cfg([*TINY, "algo=dapo", "reward=sort", "trainer.group_size=8", "logger=none"])
+    session = build(cfg, run_dir=tmp_path)
+    ro, rewards, metrics = session.trainer.collect()
+    assert metrics["dynamic/kept_groups"] == 4 == ro.num_groups
+    groups = rewards.view(-1, 8)
+    assert (groups.amax(1) != groups.amin(1)).all()
+    session.tracker.close()
+
+
+def test_lecture_experiment_runs(tmp_path):
+    cfg = compose_cfg(["experiment=lecture_sort", "trainer.steps=2", "logger=none"])
+    assert cfg.model.name == "toy_sort" and cfg.reward.name == "sort_inclusion"
+    summary = train(cfg, run_dir=tmp_path)
+    assert 0 <= summary["eval/reward"] <= 5
+
+
+def test_nan_loss_stops_after_saving_a_checkpoint(tmp_path, mlflow_store):
+    # a finite reward so large that -A * logp overflows: the loss is inf at the first iteration
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "reward=custom",
+            "reward.fn=tests.rewards_for_tests:huge",
+            "adv_norm=none",
+            f"logger.store_dir={mlflow_store}",
+            "logger.run_name=nan-test",
+        ]
+    )
+    with pytest.raises(NonFiniteError, match="saved to") as err:
+        train(cfg, run_dir=tmp_path)
+    checkpoints = list((tmp_path / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file()
+    assert "non-finite" in str(err.value)
+    assert not (tmp_path / "final").exists()  # nothing is passed off as a finished model
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    runs = client.search_runs(
+        client.get_experiment_by_name("rlx").experiment_id, "attributes.run_name = 'nan-test'"
+    )
+    assert runs[0].info.status == "FAILED"
+
+
+def test_custom_reward_gets_task_columns(tmp_path):
+    cfg = compose_cfg([*TINY, "reward=custom", "reward.fn=tests.rewards_for_tests:length", "logger=none"])
+    train(cfg, run_dir=tmp_path)
+    assert 0 < rows(tmp_path)[0]["reward/mean"] <= 4
+
+
+def test_checkpoints_are_kept_to_the_newest(tmp_path):
+    cfg = compose_cfg(
+        [*TINY, "trainer.steps=4", "trainer.save_every=1", "trainer.keep_checkpoints=2", "logger=none"]
+    )
+    train(cfg, run_dir=tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_000003", "step_000004"]
