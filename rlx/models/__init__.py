@@ -81,8 +81,8 @@ def build_tiny_policy(task: Task, *, hidden_size: int = 16, init_from: str | Non
 def build_tiny_gpt(
     task: Task,
     *,
-    n_layer: int = 2,
-    n_embd: int = 128,
+    n_layer: int = 4,
+    n_embd: int = 64,
     n_head: int = 4,
     n_positions: int = 64,
     init_from: str | None = None,

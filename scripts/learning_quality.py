@@ -1,0 +1,175 @@
+"""Learning-quality figures for the README, measured by running the real CLI.
+
+Each case runs ``rlx train ...`` as a user would (a fresh process, MLflow on), with
+``trainer.eval_every`` set so that held-out accuracy is recorded along the way; evaluation is greedy
+and consumes no randomness, so it does not change the training trajectory. Wall time is measured
+around the whole process (start-up included). Run it on an otherwise idle machine:
+
+    python scripts/learning_quality.py                  # every suite, seeds 0 1 2
+    python scripts/learning_quality.py --suite sort --seeds 0
+    make quality ARGS="--suite lecture"
+
+Suites:
+  sort         rlx train algo=grpo reward=sort         goal: eval/exact >= 0.95 within 300 s
+  sort_tokens  rlx train algo=grpo reward=sort_tokens  goal: eval/exact >= 0.99 within 180 s
+  lecture      rlx train experiment=lecture_sort adv_norm=none|center|group_std, against the
+               lecture's plateaus (2.67, 3.33, 3.33 of 5), and rlx's defaults on the same prompts
+Results: a markdown table on stdout and ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RLX = shutil.which("rlx", path=str(Path(sys.executable).parent)) or "rlx"
+LECTURE_PROMPTS = "task.prompts=[[1,0,2],[3,2,4],[1,2,3]]"
+
+
+@dataclass
+class Case:
+    suite: str
+    name: str
+    overrides: list[str]
+    goal_metric: str = "eval/exact"
+    goal: float | None = None
+    budget_s: float | None = None
+    reference: str = ""
+
+
+@dataclass
+class Result:
+    suite: str
+    name: str
+    seed: int
+    command: str
+    wall_s: float
+    final: dict[str, float] = field(default_factory=dict)
+    time_to_goal_s: float | None = None
+    steps_to_goal: int | None = None
+    train_reward_last10: float | None = None
+    goal: str = ""
+    met: bool | None = None
+    reference: str = ""
+
+
+def cases() -> list[Case]:
+    out = [
+        Case("sort", "grpo sort (as shipped)", ["algo=grpo", "reward=sort"], goal=0.95, budget_s=300),
+        Case("sort_tokens", "grpo sort_tokens", ["algo=grpo", "reward=sort_tokens"], goal=0.99, budget_s=180),
+    ]
+    for mode, plateau in (("none", 2.67), ("center", 3.33), ("group_std", 3.33)):
+        out.append(
+            Case(
+                "lecture",
+                f"lecture_sort adv_norm={mode}",
+                ["experiment=lecture_sort", f"adv_norm={mode}"],
+                goal_metric="reward/mean",
+                reference=f"lecture plateau {plateau} of 5",
+            )
+        )
+    out.append(
+        Case(
+            "lecture",
+            "rlx defaults on the lecture's 3 prompts",
+            [
+                "reward=sort_inclusion",
+                LECTURE_PROMPTS,
+                "task.vocab=5",
+                "trainer.prompts_per_step=3",
+                "trainer.steps=150",
+            ],
+            goal_metric="eval/reward",
+            goal=5.0,
+            reference="goal 5.0 of 5",
+        )
+    )
+    return out
+
+
+def run_case(case: Case, seed: int, out: Path) -> Result:
+    slug = re.sub(r"[^A-Za-z0-9_=]+", "-", case.name).strip("-")
+    run_dir = out / case.suite / f"{slug}-seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    eval_every = "10" if case.suite == "lecture" else "25"
+    args = [
+        *case.overrides,
+        f"trainer.seed={seed}",
+        f"trainer.eval_every={eval_every}",
+        f"logger.store_dir={out / 'mlflow'}",
+        "logger.experiment=learning-quality",
+        f"hydra.run.dir={run_dir}",
+    ]
+    command = "rlx train " + " ".join(args)
+    print(f"$ {command}", file=sys.stderr, flush=True)
+    start = time.time()
+    proc = subprocess.run([RLX, "train", *args], capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "reward/mean" in r]
+    res = Result(case.suite, case.name, seed, command, round(wall, 1), reference=case.reference)
+    res.final = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
+    res.train_reward_last10 = sum(r["reward/mean"] for r in train_rows[-10:]) / min(10, len(train_rows))
+    if case.goal is not None:
+        for r in rows:
+            if r.get(case.goal_metric, float("-inf")) >= case.goal - 1e-9:
+                res.time_to_goal_s = round(r["time"] - start, 1)
+                res.steps_to_goal = int(r["step"])
+                break
+        res.goal = f"{case.goal_metric} >= {case.goal}" + (
+            f" within {case.budget_s:.0f} s" if case.budget_s else ""
+        )
+        res.met = res.time_to_goal_s is not None and (
+            case.budget_s is None or res.time_to_goal_s <= case.budget_s
+        )
+    return res
+
+
+def table(results: list[Result]) -> str:
+    head = ["case", "seed", "final eval/exact", "final eval/reward", "train reward (last 10)", "time to goal"]
+    head += ["wall", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ttg = f"{r.time_to_goal_s} s (step {r.steps_to_goal})" if r.time_to_goal_s is not None else "—"
+        goal = f"{r.goal}: {'met' if r.met else 'NOT met'}" if r.goal else r.reference
+        lines.append(
+            f"| {r.name} | {r.seed} | {r.final.get('eval/exact', float('nan')):.3f} | "
+            f"{r.final.get('eval/reward', float('nan')):.3f} | {r.train_reward_last10:.2f} | {ttg} | "
+            f"{r.wall_s:.0f} s | {goal} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", choices=["sort", "sort_tokens", "lecture", "all"], default="all")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--out", default="outputs/quality", help="where runs and results.json go")
+    ns = parser.parse_args()
+    out = Path(ns.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in ns.seeds.split(",")]
+    results = []
+    for case in cases():
+        if ns.suite in ("all", case.suite):
+            for seed in seeds:
+                results.append(run_case(case, seed, out))
+                print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
