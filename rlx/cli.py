@@ -160,11 +160,19 @@ def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 def precheck(overrides: list[str], multirun: bool) -> None:
     """Compose and plan every job before any work starts; raise RlxError with one line on bad input."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from rlx.train import plan
 
+    parser = OverridesParser.create()
+    for ov in overrides:  # Hydra's own keys too: a typo there should also fail in one line
+        try:
+            parser.parse_overrides([ov])
+        except HydraException as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise RlxError(f"cannot parse override {ov!r}: {reason} (quote values that hold = or ,)") from exc
     try:
         jobs = _sweep_jobs(overrides, multirun)
     except (HydraException, OmegaConfBaseException) as exc:

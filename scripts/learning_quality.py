@@ -84,7 +84,6 @@ def cases() -> list[Case]:
                 LECTURE_PROMPTS,
                 "task.vocab=5",
                 "trainer.prompts_per_step=3",
-                "trainer.steps=150",
             ],
             goal_metric="eval/reward",
             goal=5.0,
@@ -95,7 +94,7 @@ def cases() -> list[Case]:
 
 
 def run_case(case: Case, seed: int, out: Path) -> Result:
-    slug = re.sub(r"[^A-Za-z0-9_=]+", "-", case.name).strip("-")
+    slug = re.sub(r"[^A-Za-z0-9_]+", "-", case.name).strip("-")
     run_dir = out / case.suite / f"{slug}-seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -154,20 +153,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=["sort", "sort_tokens", "lecture", "all"], default="all")
+    parser.add_argument("--suite", default="all", help="sort, sort_tokens, lecture or all (comma-separated)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--out", default="outputs/quality", help="where runs and results.json go")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
     ns = parser.parse_args()
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in ns.seeds.split(",")]
     results = []
+    suites = ns.suite.split(",")
     for case in cases():
-        if ns.suite in ("all", case.suite):
+        if ("all" in suites or case.suite in suites) and ns.only in case.name:
             for seed in seeds:
                 results.append(run_case(case, seed, out))
                 print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+                (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     print(table(results))
 
 
