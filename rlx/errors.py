@@ -12,3 +12,9 @@ class RlxError(Exception):
 
 class NonFiniteError(RlxError):
     """A loss or gradient became NaN or inf; the run stops after saving a checkpoint."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise `RlxError(message)` unless ``ok``: the config checks read as a list of rules."""
+    if not ok:
+        raise RlxError(message)

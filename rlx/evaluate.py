@@ -40,7 +40,12 @@ def evaluate(
         ids, mask = policy.encode(part.prompts)
         tokens, comp_mask, _ = policy.generate(ids, mask, sampling, greedy=greedy)
         completions = policy.decode(tokens, comp_mask)
-        scores = score_completions(reward, part.prompts, completions, part.columns, comp_mask)
+        columns = {
+            **part.columns,
+            "prompt_text": [task.prompt_text(x) for x in part.prompts],
+            "completion_text": policy.decode_text(tokens, comp_mask),
+        }
+        scores = score_completions(reward, part.prompts, completions, columns, comp_mask)
         if scores.dim() == 2:
             scores = scores.sum(-1)
         for i, (prompt, completion) in enumerate(zip(part.prompts, completions)):

@@ -72,6 +72,7 @@ class MlflowSink:
         self.run_id: str | None = None
         self.tracking_uri = tracking_uri
         self._ok = True
+        self._pending: list[Any] = []  # RunOperations of asynchronous metric batches
         self._guard("start", self._start, artifact_root, experiment, run_name, params, tags)
 
     def _start(
@@ -123,7 +124,13 @@ class MlflowSink:
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
-            self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+            ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+            if ops is not None:
+                self._pending.append(ops)
+            if len(self._pending) > 256:  # keep the list short: wait for the oldest half
+                for done in self._pending[:128]:
+                    done.wait()
+                del self._pending[:128]
 
         self._guard("log_metrics", send)
 
@@ -138,9 +145,11 @@ class MlflowSink:
 
     def close(self, status: str) -> None:
         def end() -> None:
-            import mlflow
-
-            mlflow.flush_async_logging()
+            # Wait on this run's own batches. (mlflow.flush_async_logging() would go through the
+            # fluent API, which opens a default store, an mlflow.db in the working directory.)
+            for ops in self._pending:
+                ops.wait()
+            self._pending.clear()
             self.client.set_terminated(self.run_id, status=status)
 
         if self.run_id is not None:

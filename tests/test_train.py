@@ -144,7 +144,7 @@ def test_epochs_and_minibatches_make_several_optimizer_steps(tmp_path):
     cfg = compose_cfg([*TINY, "trainer.steps=1", "algo.epochs=3", "algo.minibatches=2", "logger=none"])
     session = build(cfg, run_dir=tmp_path)
     session.trainer.iteration()
-    assert session.scheduler.last_epoch == 6  # 3 epochs x 2 minibatches
+    assert session.trainer.scheduler.last_epoch == 6  # 3 epochs x 2 minibatches
     session.tracker.close()
 
 

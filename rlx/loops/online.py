@@ -26,17 +26,23 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlx.advantages import frac_zero_std_groups
-from rlx.errors import NonFiniteError
+from rlx.advantages import ADVANTAGES, frac_zero_std_groups
+from rlx.errors import NonFiniteError, require
+from rlx.evaluate import evaluate
+from rlx.kl import KL_ESTIMATORS
+from rlx.loops import LOOPS, LoopContext
+from rlx.losses.aggregation import AGGREGATIONS
 from rlx.losses.entropy import token_entropy
+from rlx.losses.policy import POLICY_LOSSES
 from rlx.masked import masked_mean, masked_sum
 from rlx.models import Policy, Sampling, token_logp
-from rlx.registry import Resolved
-from rlx.rewards import score_completions
+from rlx.registry import Resolved, check_type
+from rlx.rewards import REWARDS, load_callable, score_completions
 from rlx.rollout import Rollout, sample_groups
 from rlx.tasks import Task
 from rlx.tracking import LiveProgress, Tracker, dist_rank
@@ -79,6 +85,125 @@ class Pieces:
     kl: Resolved | None
 
 
+@dataclass
+class OnlinePlan:
+    settings: OnlineSettings
+    pieces: Pieces
+
+
+ALGO_TYPES: dict[str, Any] = {
+    "name": str,
+    "loop": str,
+    "aggregation": str,
+    "max_len": int | None,
+    "entropy_coef": float,
+    "epochs": int,
+    "minibatches": int,
+    "dynamic_sampling": bool,
+    "max_resample_rounds": int,
+}
+KL_LOOP_KEYS = {"coef": 0.0, "placement": "loss", "ref_refresh": 0}
+
+
+def plan_online(c: dict[str, Any], task: Task) -> OnlinePlan:
+    """Check the online loop's settings and bind its pieces (reward, advantages, loss, KL)."""
+    t, a, r = c["trainer"], c["algo"], c["rollout"]
+    for key, kind in ALGO_TYPES.items():
+        if key in a:
+            check_type(f"algo.{key}", a[key], kind)
+    require(t["prompts_per_step"] >= 1, f"trainer.prompts_per_step must be >= 1, got {t['prompts_per_step']}")
+    require(t["group_size"] >= 1, f"trainer.group_size must be >= 1, got {t['group_size']}")
+    require(a["epochs"] >= 1, f"algo.epochs must be >= 1, got {a['epochs']}")
+    require(a["minibatches"] >= 1, f"algo.minibatches must be >= 1, got {a['minibatches']}")
+    n = t["prompts_per_step"] * t["group_size"]
+    require(
+        n % a["minibatches"] == 0,
+        f"{n} completions per step (trainer.prompts_per_step x trainer.group_size) do not split into "
+        f"algo.minibatches={a['minibatches']}",
+    )
+    mbs = t["micro_batch_size"]
+    require(mbs is None or mbs >= 1, f"trainer.micro_batch_size must be >= 1 or null, got {mbs}")
+    require(r["temperature"] > 0, f"rollout.temperature must be > 0, got {r['temperature']}")
+    require(r["top_k"] >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r['top_k']}")
+    require(0 < r["top_p"] <= 1, f"rollout.top_p must be in (0, 1], got {r['top_p']}")
+    require(a["entropy_coef"] >= 0, f"algo.entropy_coef must be >= 0, got {a['entropy_coef']}")
+    max_new = r["max_new_tokens"] or task.max_new_tokens
+    require(max_new >= 1, f"rollout.max_new_tokens must be >= 1, got {max_new}")
+
+    reward = REWARDS.resolve(c["reward"], where="reward")
+    if reward.name == "custom":
+        fn = reward.kwargs.get("fn")
+        require(fn not in (None, "", "???"), "reward=custom needs reward.fn=my_module:my_reward")
+        load_callable(str(fn), where="reward.fn")
+    advantage = ADVANTAGES.resolve(c["adv_norm"], where="adv_norm")
+    min_group = advantage.entry.meta.get("min_group_size", 1)
+    require(
+        t["group_size"] >= min_group,
+        f"adv_norm={advantage.name} needs trainer.group_size >= {min_group}, got {t['group_size']} "
+        "(a group of one has no spread to normalise by)",
+    )
+    if a["dynamic_sampling"]:
+        require(t["group_size"] >= 2, "algo.dynamic_sampling needs trainer.group_size >= 2")
+    policy_loss = POLICY_LOSSES.resolve(c["loss"], where="loss")
+    x = torch.zeros(1, 2)  # one call on a tiny batch: bad hyperparameter values fail here
+    policy_loss(x, x, torch.ones(1, 2), torch.ones(1, 2))
+    aggregation = AGGREGATIONS.resolve(str(a["aggregation"]), where="algo.aggregation")
+    kl = resolve_kl(c["kl"])
+    settings = OnlineSettings(
+        steps=int(t["steps"]),
+        prompts_per_step=int(t["prompts_per_step"]),
+        group_size=int(t["group_size"]),
+        epochs=int(a["epochs"]),
+        minibatches=int(a["minibatches"]),
+        micro_batch_size=mbs,
+        grad_clip=t["grad_clip"],
+        entropy_coef=float(a["entropy_coef"]),
+        max_len=a.get("max_len"),
+        dynamic_sampling=bool(a["dynamic_sampling"]),
+        max_resample_rounds=int(a.get("max_resample_rounds") or 0),
+        kl_coef=float(kl.extra["coef"]) if kl else 0.0,
+        kl_placement=str(kl.extra["placement"]) if kl else "loss",
+        ref_refresh=int(kl.extra["ref_refresh"] or 0) if kl else 0,
+        eval_every=int(t["eval_every"] or 0),
+        save_every=int(t["save_every"] or 0),
+        samples_every=int(t["samples_every"] or 0),
+        eval_greedy=bool(c["eval"]["greedy"]),
+        eval_batch_size=int(c["eval"]["batch_size"]),
+        sampling=Sampling(
+            temperature=float(r["temperature"]),
+            top_k=int(r["top_k"]),
+            top_p=float(r["top_p"]),
+            max_new_tokens=int(max_new),
+        ),
+    )
+    pieces = Pieces(
+        reward=reward, advantage=advantage, policy_loss=policy_loss, aggregation=aggregation, kl=kl
+    )
+    return OnlinePlan(settings, pieces)
+
+
+def resolve_kl(node: dict[str, Any]) -> Resolved | None:
+    """The ``kl`` group: None for ``kl=none``, else the estimator with coef/placement/ref_refresh."""
+    if node.get("name") in (None, "none"):
+        return None
+    kl = KL_ESTIMATORS.resolve(node, where="kl", reserved=KL_LOOP_KEYS)
+    placement = kl.extra["placement"]
+    require(placement in ("loss", "reward"), f"kl.placement must be loss or reward, got {placement!r}")
+    require(float(kl.extra["coef"]) >= 0, f"kl.coef must be >= 0, got {kl.extra['coef']}")
+    require(int(kl.extra["ref_refresh"] or 0) >= 0, "kl.ref_refresh must be >= 0")
+    return kl
+
+
+@LOOPS.register("online", plan=plan_online)
+def build_online(ctx: LoopContext) -> OnlineTrainer:
+    """The policy, optimizer and scheduler for the online loop."""
+    op: OnlinePlan = ctx.plan.settings
+    s = op.settings
+    policy = ctx.build_policy()
+    optimizer, scheduler = ctx.make_optimizer(policy.parameters(), s.steps * s.epochs * s.minibatches)
+    return OnlineTrainer(ctx=ctx, policy=policy, optimizer=optimizer, scheduler=scheduler)
+
+
 def _chunks(idx: Tensor, size: int | None) -> Iterator[Tensor]:
     if not size or size >= len(idx):
         yield idx
@@ -88,37 +213,54 @@ def _chunks(idx: Tensor, size: int | None) -> Iterator[Tensor]:
 
 
 class OnlineTrainer:
+    """REINFORCE / RLOO / GRPO / Dr. GRPO / DAPO: sample, score, advantages, epochs of updates."""
+
     def __init__(
         self,
         *,
-        settings: OnlineSettings,
-        pieces: Pieces,
-        task: Task,
+        ctx: LoopContext,
         policy: Policy,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        tracker: Tracker,
-        run_dir: Path,
-        save_checkpoint: Callable[[int], Path],
-        evaluate: Callable[[], dict[str, float]],
     ) -> None:
-        self.s = settings
-        self.p = pieces
-        self.task = task
+        op: OnlinePlan = ctx.plan.settings
+        self.ctx = ctx
+        self.s = op.settings
+        self.p = op.pieces
+        self.task = ctx.plan.task
         self.policy = policy
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.tracker = tracker
-        self.run_dir = run_dir
-        self.save_checkpoint = save_checkpoint
-        self.evaluate = evaluate
+        self.tracker: Tracker = ctx.tracker
+        self.run_dir: Path = ctx.run_dir
         self.rank, self.world_size = dist_rank()
         self.step = 0
         self.ref: Policy | None = None
-        if pieces.kl is not None:
+        if self.p.kl is not None:
             self.ref = copy.copy(policy)
             self.ref.model = copy.deepcopy(policy.model).requires_grad_(False)
-        self.samples_path = run_dir / "samples.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
+
+    # -- state for checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Beyond the policy/optimizer/scheduler/RNG: the step and the reference model."""
+        return {"step": self.step, "ref": self.ref.model.state_dict() if self.ref is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        if self.ref is not None and state.get("ref") is not None:
+            self.ref.model.load_state_dict(state["ref"])
+
+    def evaluate(self) -> dict[str, float]:
+        metrics, _ = evaluate(
+            self.policy,
+            self.task,
+            self.p.reward,
+            self.s.sampling,
+            greedy=self.s.eval_greedy,
+            batch_size=self.s.eval_batch_size,
+        )
+        return metrics
 
     # -- the reference model -------------------------------------------------------------------
     def maybe_refresh_reference(self) -> None:
@@ -145,7 +287,7 @@ class OnlineTrainer:
         )
         ro = sample_groups(self.policy, prompts, self.s.group_size, self.s.sampling)
         rewards = score_completions(
-            self.p.reward, ro.batch.prompts, ro.completions, ro.batch.columns, ro.mask
+            self.p.reward, ro.batch.prompts, ro.completions, ro.reward_columns(), ro.mask
         )
         return ro, rewards
 
@@ -302,20 +444,17 @@ class OnlineTrainer:
                 }
                 f.write(json.dumps(row) + "\n")
 
-    def run(self) -> dict[str, float]:
-        last_eval: dict[str, float] = {}
+    def run(self) -> None:
         with LiveProgress(self.s.steps, "train", enabled=self.tracker.enabled) as bar:
             while self.step < self.s.steps:
                 metrics = self.iteration()
                 self.step += 1
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
-                    last_eval = self.evaluate()
-                    metrics.update(last_eval)
+                    metrics.update(self.evaluate())
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(self.step, metrics)
                 if self.s.save_every and self.step % self.s.save_every == 0:
-                    self.save_checkpoint(self.step)
-        return last_eval
+                    self.ctx.save_checkpoint(self)
 
 
 def _sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:

@@ -106,6 +106,13 @@ class Policy:
             out.append(self.task.parse_completion(pieces))
         return out
 
+    def decode_text(self, tokens: Tensor, mask: Tensor) -> list[str]:
+        """The real completion tokens as text, special tokens skipped (what a reward model reads)."""
+        rows = [
+            [t for t, keep in zip(row, m) if keep] for row, m in zip(tokens.tolist(), mask.bool().tolist())
+        ]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
     def _text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:

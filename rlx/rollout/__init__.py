@@ -28,6 +28,17 @@ class Rollout:
     old_logp: Tensor  # [N, T] log pi_old(y_t), 0 on padding
     completions: list[Any]  # task-level completions (what rewards see)
     group_size: int
+    prompt_texts: list[str]  # the prompts as the model saw them (before the tokenizer's template)
+    completion_texts: list[str]  # the real completion tokens decoded, special tokens skipped
+
+    def reward_columns(self) -> dict[str, list[Any]]:
+        """The task's columns plus ``prompt_text`` and ``completion_text``, for rewards that read text
+        (a learned reward model) rather than task objects."""
+        return {
+            **self.batch.columns,
+            "prompt_text": self.prompt_texts,
+            "completion_text": self.completion_texts,
+        }
 
     @property
     def num_groups(self) -> int:
@@ -42,7 +53,12 @@ class Rollout:
             if isinstance(getattr(self, f.name), Tensor)
         }
         return replace(
-            self, batch=self.batch.select(rows), completions=[self.completions[r] for r in rows], **tensors
+            self,
+            batch=self.batch.select(rows),
+            completions=[self.completions[r] for r in rows],
+            prompt_texts=[self.prompt_texts[r] for r in rows],
+            completion_texts=[self.completion_texts[r] for r in rows],
+            **tensors,
         )
 
     @staticmethod
@@ -61,6 +77,8 @@ class Rollout:
             old_logp=torch.cat([p.old_logp for p in parts]),
             completions=[c for p in parts for c in p.completions],
             group_size=parts[0].group_size,
+            prompt_texts=[t for p in parts for t in p.prompt_texts],
+            completion_texts=[t for p in parts for t in p.completion_texts],
         )
 
 
@@ -71,8 +89,9 @@ def sample_groups(policy: Policy, prompts: PromptBatch, group_size: int, samplin
     mask = mask.repeat_interleave(group_size, dim=0)
     tokens, comp_mask, logits = policy.generate(ids, mask, sampling)
     old_logp = token_logp(logits, tokens, sampling.temperature) * comp_mask
+    batch = prompts.repeat(group_size)
     return Rollout(
-        batch=prompts.repeat(group_size),
+        batch=batch,
         prompt_ids=ids,
         prompt_mask=mask,
         tokens=tokens,
@@ -80,4 +99,6 @@ def sample_groups(policy: Policy, prompts: PromptBatch, group_size: int, samplin
         old_logp=old_logp,
         completions=policy.decode(tokens, comp_mask),
         group_size=group_size,
+        prompt_texts=[policy.task.prompt_text(x) for x in batch.prompts],
+        completion_texts=policy.decode_text(tokens, comp_mask),
     )

@@ -1,0 +1,112 @@
+"""Reward models: a causal-LM trunk with a scalar head, read at the last real token.
+
+A reward model is stored as a ``transformers`` sequence-classification checkpoint with
+``num_labels = 1`` (``AutoModelForSequenceClassification``, the layout TRL's RewardTrainer writes)
+plus its tokenizer, so any tool that reads those reads rlx's. rlx does not use the head's own
+last-token lookup (which searches for the pad token and breaks when a completion contains it);
+`reward_scores` reads the hidden state at the last position whose attention mask is 1, so left or
+right padding give the same score.
+
+The text a reward model sees is always built by `encode_for_reward`: the prompt text through the
+tokenizer's template (for rlx's number tokenizer ``<bos> 3 1 0 2 <sep>``), then the completion text
+without special tokens, then EOS. Training (``algo=rm``) and scoring (``reward=model``) both use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
+
+from rlx.errors import RlxError
+
+
+def encode_for_reward(
+    tokenizer: Any, prompt_texts: list[str], completion_texts: list[str], *, max_length: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Right-padded ``[N, L]`` ids and attention mask of prompt + completion + EOS."""
+    rows: list[list[int]] = []
+    for prompt, completion in zip(prompt_texts, completion_texts):
+        ids = tokenizer(prompt)["input_ids"] + tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        rows.append(ids[:max_length] if max_length else ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return input_ids, mask
+
+
+def last_real_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last position whose mask is 1, whatever the padding side: ``[N, L] -> [N]``."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def reward_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The scalar reward of each row, ``[N]``, read at its last real token (with gradient)."""
+    head = getattr(model, "score", None)
+    if head is None:
+        raise RlxError(f"{type(model).__name__} has no scalar `score` head: not a reward model")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    last = last_real_index(attention_mask)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
+
+
+def build_tiny_reward_model(
+    tokenizer: Any, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 64
+) -> GPT2ForSequenceClassification:
+    """A GPT-2 reward model built from a config (random init, dropout off) for ``tokenizer``."""
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        num_labels=1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return GPT2ForSequenceClassification(cfg)
+
+
+def load_reward_model(path: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a reward-model directory, or one clear error saying what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RlxError(f"reward model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise RlxError(f"{path} is not a save_pretrained directory (no config.json)")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "num_labels", None) != 1 or not any(
+        a.endswith("ForSequenceClassification") for a in archs
+    ):
+        raise RlxError(
+            f"{path} is not a reward model: expected a sequence-classification checkpoint with "
+            f"num_labels=1, found architectures={archs} num_labels={getattr(config, 'num_labels', None)}"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
