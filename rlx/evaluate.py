@@ -12,7 +12,7 @@ import torch
 from rlx.errors import RlxError
 from rlx.models import Policy, Sampling
 from rlx.registry import Resolved
-from rlx.rewards import score_completions
+from rlx.rewards import REWARDS, score_completions
 from rlx.tasks import Task
 
 
@@ -97,16 +97,24 @@ def run_eval(ns: argparse.Namespace) -> dict[str, float]:
     model_dir = resolve_model_dir(Path(ns.path))
     cfg = OmegaConf.load(model_dir / CONFIG_NAME)
     cfg.trainer.device = ns.device
-    p = plan(cfg)
+    p = plan(cfg)  # re-checks the run's config (and its task) on this machine
+    reward = REWARDS.resolve(p.cfg["reward"], where="reward")
+    rollout = p.cfg["rollout"]
+    sampling = Sampling(
+        temperature=float(rollout["temperature"]),
+        top_k=int(rollout["top_k"]),
+        top_p=float(rollout["top_p"]),
+        max_new_tokens=rollout["max_new_tokens"],
+    )
     policy = load_pretrained(model_dir, p.task, str(cfg.model.get("name", "model")))
     policy.model.to(resolve_device(ns.device)).eval()
     metrics, rows = evaluate(
         policy,
         p.task,
-        p.pieces.reward,
-        p.settings.sampling,
+        reward,
+        sampling,
         greedy=not ns.sample,
-        batch_size=p.settings.eval_batch_size,
+        batch_size=int(p.cfg["eval"]["batch_size"]),
         limit=ns.limit,
     )
     if ns.json:

@@ -12,3 +12,10 @@ def length(prompts, completions, ground_truth):
     """Counts the completion's tokens that spell a number; uses a task column by name."""
     assert len(ground_truth) == len(prompts)
     return [float(sum(t is not None for t in c)) for c in completions]
+
+
+def text_digits(prompts, completions, prompt_text, completion_text):
+    """Reads the text columns: the number of digits in the decoded completion."""
+    assert all(isinstance(t, str) for t in prompt_text + completion_text)
+    assert prompt_text[0] == " ".join(map(str, prompts[0]))
+    return [float(sum(ch.isdigit() for ch in t)) for t in completion_text]

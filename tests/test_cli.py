@@ -108,6 +108,7 @@ def test_a_run_then_rlx_eval(tmp_path):
         p.name for p in run.iterdir()
     }
     assert (store / "mlflow.db").is_file()
+    assert not (tmp_path / "mlflow.db").exists()  # nothing written outside the configured store
     res = run_rlx("eval", str(run), "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     metrics = json.loads(res.stdout.strip().splitlines()[-1])

@@ -208,6 +208,31 @@ def test_custom_reward_gets_task_columns(tmp_path):
     assert 0 < rows(tmp_path)[0]["reward/mean"] <= 4
 
 
+def test_rewards_can_read_prompt_and_completion_text(tmp_path):
+    cfg = compose_cfg(
+        [*TINY, "reward=custom", "reward.fn=tests.rewards_for_tests:text_digits", "logger=none"]
+    )
+    train(cfg, run_dir=tmp_path)
+    assert 0 < rows(tmp_path)[0]["reward/mean"] <= 4
+
+
+def test_trainer_state_round_trips(tmp_path):
+    cfg = compose_cfg([*TINY, "kl=k3", "logger=none"])
+    a = build(cfg, run_dir=tmp_path / "a")
+    a.trainer.iteration()
+    a.trainer.step = 1
+    state = a.trainer.state_dict()
+    b = build(cfg, run_dir=tmp_path / "b")
+    b.trainer.load_state_dict(state)
+    assert b.trainer.step == 1
+    for (k, x), (_, y) in zip(
+        a.trainer.ref.model.state_dict().items(), b.trainer.ref.model.state_dict().items()
+    ):
+        assert torch.equal(x, y), k
+    a.tracker.close()
+    b.tracker.close()
+
+
 def test_checkpoints_are_kept_to_the_newest(tmp_path):
     cfg = compose_cfg(
         [*TINY, "trainer.steps=4", "trainer.save_every=1", "trainer.keep_checkpoints=2", "logger=none"]
