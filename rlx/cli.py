@@ -2,6 +2,7 @@
 
 rlx train [overrides]        train one job (Hydra: --help, --cfg job, -m for a sweep)
 rlx eval RUN_DIR|CHECKPOINT  held-out reward and exact accuracy of a run's final model
+rlx sync RUN_DIR             upload a run's metrics and artifacts to MLflow (after a lost server)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlx.errors import RlxError
+from rlx.errors import RlxError, StopRequested
 
 CONF_PACKAGE = "rlx.conf"
 HYDRA_FLAGS_WITH_VALUE = {
@@ -32,9 +33,9 @@ HYDRA_FLAGS_WITH_VALUE = {
 }
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2, prefix: str = "error: ") -> None:
     """One clear line on stderr and a non-zero exit."""
-    print(f"rlx: error: {message}", file=sys.stderr)
+    print(f"rlx: {prefix}{message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -53,6 +54,10 @@ def _hydra_main() -> Any:
             summary = train(cfg)
         except RlxError as exc:
             fail(str(exc))
+        except StopRequested as exc:  # SIGINT/SIGTERM: checkpoint saved, MLflow run KILLED
+            fail(str(exc), code=128 + exc.signum, prefix="")
+        except KeyboardInterrupt:  # a second Ctrl-C: out at once
+            fail("interrupted", code=130, prefix="")
         return summary.get("eval/exact")  # the objective a Hydra sweeper maximises
 
     return _train
@@ -158,6 +163,17 @@ def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Hydra creates the job's directory before rlx runs: check the place first, in one line."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RlxError(f"{what}={path} cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RlxError(f"{what}={path} is not writable ({probe} denies writing)")
+
+
 def precheck(overrides: list[str], multirun: bool) -> None:
     """Compose and plan every job before any work starts; raise RlxError with one line on bad input."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -173,6 +189,11 @@ def precheck(overrides: list[str], multirun: bool) -> None:
         except HydraException as exc:
             reason = str(exc).strip().splitlines()[0]
             raise RlxError(f"cannot parse override {ov!r}: {reason} (quote values that hold = or ,)") from exc
+        key, _, value = ov.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and "$" not in value:
+            check_writable(Path(value), key)
+    if not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
+        check_writable(Path("outputs" if not multirun else "multirun"), "the output directory")
     try:
         jobs = _sweep_jobs(overrides, multirun)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -223,7 +244,30 @@ def cmd_eval(argv: list[str]) -> None:
     run_eval(ns)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+# --------------------------------------------------------------------------------------------------
+# rlx sync
+# --------------------------------------------------------------------------------------------------
+def cmd_sync(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rlx sync",
+        description="Upload a run directory's metrics and artifacts to MLflow, skipping what is there.",
+    )
+    parser.add_argument("run_dirs", nargs="+", help="run directories (with metrics.jsonl and config.yaml)")
+    parser.add_argument("--tracking-uri", default=None, help="default: the run's own (tracking.json)")
+    ns = parser.parse_args(argv)
+    from rlx.sync import sync_run
+
+    for run_dir in ns.run_dirs:
+        out = sync_run(Path(run_dir), ns.tracking_uri)
+        what = ", ".join(out["artifacts_added"]) or "no artifacts"
+        new = " (new MLflow run)" if out["created_run"] else ""
+        print(
+            f"{run_dir}: run {out['run_id']}{new} at {out['tracking_uri']}: "
+            f"{out['metrics_added']} metric values and {what} added"
+        )
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sync": cmd_sync}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[cmd](rest)
     except RlxError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130, prefix="")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,20 @@ class NonFiniteError(RlxError):
     """A loss or gradient became NaN or inf; the run stops after saving a checkpoint."""
 
 
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint {checkpoint}; "
+            f"continue with trainer.resume={checkpoint}"
+        )
+
+
 def require(ok: bool, message: str) -> None:
     """Raise `RlxError(message)` unless ``ok``: the config checks read as a list of rules."""
     if not ok:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -68,12 +69,21 @@ class MlflowSink:
         run_name: str | None,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
+        resume_run_id: str | None = None,
+        store_lock: Path | None = None,
     ) -> None:
         self.run_id: str | None = None
         self.tracking_uri = tracking_uri
+        self.resumed = False
         self._ok = True
+        # Metric batches go out asynchronously to the local store (SQLite writes would otherwise
+        # cost a few ms per step); to a server they are sent synchronously, so a lost server is
+        # noticed at once instead of filling a queue of retries.
+        self._async = not tracking_uri.startswith(("http://", "https://"))
         self._pending: list[Any] = []  # RunOperations of asynchronous metric batches
-        self._guard("start", self._start, artifact_root, experiment, run_name, params, tags)
+        self._guard(
+            "start", self._start, artifact_root, experiment, run_name, params, tags, resume_run_id, store_lock
+        )
 
     def _start(
         self,
@@ -82,27 +92,39 @@ class MlflowSink:
         run_name: str | None,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
+        resume_run_id: str | None,
+        store_lock: Path | None,
     ) -> None:
-        from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
+        from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Creating initial tables" chatter
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
-                location = f"{artifact_root}/{experiment}" if artifact_root else None
-                exp_id = self.client.create_experiment(experiment, artifact_location=location)
-            except MlflowException:  # created meanwhile by a parallel job
-                exp_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
+        # Parallel jobs on one SQLite store: creating its tables and the experiment is serialised by a
+        # file lock beside the database (MLflow's schema set-up is not safe to run concurrently).
+        lock = FileLock(str(store_lock)) if store_lock else contextlib.nullcontext()
+        with lock:
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            exp_id = ensure_experiment(self.client, experiment, artifact_root)
+        if resume_run_id and _run_exists(self.client, resume_run_id):
+            self.run_id = resume_run_id
+            self.resumed = True
+            self.client.update_run(resume_run_id, status="RUNNING")
+            return
+        if resume_run_id:
+            warnings.warn(
+                f"MLflow run {resume_run_id} of the checkpoint is not in {self.tracking_uri}; "
+                "the resumed run is logged as a new MLflow run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
-        batch = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=batch[i : i + 100])
+        log_params(self.client, self.run_id, params)
+
+    @property
+    def ok(self) -> bool:
+        """False once any MLflow call failed: from then on only metrics.jsonl has the run."""
+        return self._ok
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
         if not self._ok:
@@ -124,8 +146,8 @@ class MlflowSink:
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
-            ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
-            if ops is not None:
+            ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=not self._async)
+            if ops is not None and self._async:
                 self._pending.append(ops)
             if len(self._pending) > 256:  # keep the list short: wait for the oldest half
                 for done in self._pending[:128]:
@@ -156,6 +178,58 @@ class MlflowSink:
             self._guard("close", end)
 
 
+def ensure_experiment(client: Any, name: str, artifact_root: str | None) -> str:
+    """The id of experiment ``name``, created (with its artifacts under ``artifact_root``) if new."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        location = f"{artifact_root}/{name}" if artifact_root else None
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException:  # created meanwhile by a parallel job on a server
+        return str(client.get_experiment_by_name(name).experiment_id)
+
+
+def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    batch = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=batch[i : i + 100])
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def local_store(store_dir: str | Path | None, launch_dir: Path) -> tuple[str, str, Path]:
+    """(tracking URI, artifact root, lock file) of the embedded SQLite store under ``store_dir``."""
+    store = Path(store_dir or "outputs")
+    store = store if store.is_absolute() else launch_dir / store
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}", (store / "mlartifacts").as_uri(), store / "mlflow.db.lock"
+
+
+def http_settings(logger_cfg: Mapping[str, Any]) -> None:
+    """Short retries for a tracking server, so a lost one costs seconds, not minutes (MLflow's own
+    default is 7 retries with exponential backoff and a 120 s timeout). Environment variables the
+    user set win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(logger_cfg.get("http_retries", 2))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(logger_cfg.get("http_timeout", 10))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+TRACKING_FILE = "tracking.json"
+
+
 class Tracker:
     """What the loops log through: rows to ``metrics.jsonl``, MLflow, and the console."""
 
@@ -167,6 +241,8 @@ class Tracker:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         launch_dir: Path,
+        resume_run_id: str | None = None,
+        fresh: bool = True,
     ) -> None:
         self.run_dir = run_dir
         self.rank, _ = dist_rank()
@@ -177,25 +253,44 @@ class Tracker:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:  # a new run in a directory that held another one: keep the old rows aside
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if (run_dir / name).exists():
+                    (run_dir / name).replace(run_dir / f"{name}.prev")
         self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.experiment = str(logger_cfg.get("experiment") or "rlx")
         name = logger_cfg.get("name", "none")
         if name == "mlflow":
             uri = logger_cfg.get("tracking_uri")
-            artifact_root = None
+            artifact_root, lock = None, None
             if not uri:
-                store = Path(logger_cfg.get("store_dir") or "outputs")
-                store = store if store.is_absolute() else launch_dir / store
-                store.mkdir(parents=True, exist_ok=True)
-                uri = f"sqlite:///{store / 'mlflow.db'}"
-                artifact_root = (store / "mlartifacts").as_uri()
+                uri, artifact_root, lock = local_store(logger_cfg.get("store_dir"), launch_dir)
+            else:
+                http_settings(logger_cfg)
             self.mlflow = MlflowSink(
                 tracking_uri=str(uri),
                 artifact_root=artifact_root,
-                experiment=str(logger_cfg.get("experiment") or "rlx"),
+                experiment=self.experiment,
                 run_name=logger_cfg.get("run_name"),
                 params=params,
                 tags=tags,
+                resume_run_id=resume_run_id,
+                store_lock=lock,
             )
+        self._write_tracking_file("RUNNING")
+
+    def _write_tracking_file(self, status: str) -> None:
+        """``tracking.json``: where this run's MLflow record lives, for `rlx sync` and for resuming."""
+        info = {
+            "tracking_uri": self.mlflow.tracking_uri if self.mlflow else None,
+            "experiment": self.experiment,
+            "run_id": self.run_id,
+            "status": status,
+            "mlflow_ok": bool(self.mlflow and self.mlflow.ok),
+        }
+        tmp = self.run_dir / f".{TRACKING_FILE}.tmp"
+        tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(self.run_dir / TRACKING_FILE)
 
     @property
     def run_id(self) -> str | None:
@@ -219,6 +314,8 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         if self.mlflow:
             self.mlflow.close(status)
+        if self.enabled and self._jsonl:
+            self._write_tracking_file(status)
         if self._jsonl:
             self._jsonl.close()
             self._jsonl = None

@@ -9,6 +9,8 @@ and always ends its MLflow run.
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -20,11 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType, get_scheduler
 
-from rlx.checkpoint import save_checkpoint, save_model_dir
-from rlx.errors import NonFiniteError, RlxError, require
-from rlx.loops import LOOPS, LoopContext, Trainer
+from rlx.checkpoint import load_model_weights, save_checkpoint, save_model_dir, set_rng_state
+from rlx.errors import NonFiniteError, RlxError, StopRequested, require
+from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Trainer
 from rlx.models import Policy, build_model
 from rlx.registry import check_type, instantiate_checked
+from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, dist_rank, flatten, summary_table
 
@@ -46,6 +49,9 @@ SETTING_TYPES: dict[str, dict[str, Any]] = {
         "save_every": int,
         "keep_checkpoints": int,
         "samples_every": int,
+        "resume": str | None,
+        "on_nonfinite": str,
+        "max_nonfinite": int,
     },
     "rollout": {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int | None},
     "eval": {"greedy": bool, "batch_size": int},
@@ -101,6 +107,8 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     require(t["lr_schedule"] in schedules, f"trainer.lr_schedule={t['lr_schedule']!r}; one of {schedules}")
     require(t["grad_clip"] is None or t["grad_clip"] > 0, "trainer.grad_clip must be positive or null")
     require(t["keep_checkpoints"] >= 0, "trainer.keep_checkpoints must be >= 0")
+    require(t["save_every"] >= 0, f"trainer.save_every must be >= 0, got {t['save_every']}")
+    NonFiniteGuard(str(t["on_nonfinite"]), int(t["max_nonfinite"]))  # checks both values
     task: Task = instantiate_checked(c["task"], where="task")
     loop = str(c["algo"].get("loop") or "online")
     entry = LOOPS.get(loop)
@@ -153,7 +161,7 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-def _save(p: Plan, run_dir: Path, config_yaml: str, trainer: Trainer) -> Path:
+def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: Trainer) -> Path:
     return save_checkpoint(
         run_dir / "checkpoints",
         trainer.step,
@@ -163,9 +171,42 @@ def _save(p: Plan, run_dir: Path, config_yaml: str, trainer: Trainer) -> Path:
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(),
             "loop": trainer.state_dict(),
+            "mlflow_run_id": tracker.run_id,
         },
         keep=int(p.cfg["trainer"]["keep_checkpoints"]),
     )
+
+
+class StopSignals:
+    """SIGINT / SIGTERM during training: the first one lets the current step finish, then the loop
+    saves a checkpoint and stops (`LoopContext.step_done`); a second SIGINT exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:  # the second signal: no more waiting
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.print(
+            f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(Ctrl-C again to exit at once)[/yellow]"
+        )
+
+    def pending(self) -> int | None:
+        return self.signum
 
 
 @dataclass
@@ -177,21 +218,56 @@ class Session:
     config_yaml: str
     tracker: Tracker
     trainer: Trainer
+    signals: StopSignals
+    resumed_from: Path | None = None
 
     def save(self) -> Path:
-        return _save(self.plan, self.run_dir, self.config_yaml, self.trainer)
+        return _save(self.plan, self.run_dir, self.config_yaml, self.tracker, self.trainer)
+
+
+def _prepare_run_dir(run_dir: Path, config_yaml: str) -> None:
+    """Create the run directory and write its config; an unwritable place is one clear error."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    except OSError as exc:
+        raise RlxError(f"output directory {run_dir} is not writable ({exc.strerror or exc})") from exc
+
+
+def _restore(trainer: Trainer, checkpoint: Path, state: dict[str, Any]) -> None:
+    """Put a built trainer back exactly where ``checkpoint`` left it (RNGs last)."""
+    policy = trainer.policy
+    if hasattr(policy, "load_weights"):
+        policy.load_weights(checkpoint)
+    else:
+        load_model_weights(policy.model, checkpoint)  # type: ignore[attr-defined]
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.load_state_dict(state["loop"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise RlxError(f"checkpoint {checkpoint} does not fit this run's trainer ({exc})") from exc
+    set_rng_state(state["rng"])
 
 
 def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Session:
-    """Check the config, then build the tracker and the loop (which builds its models)."""
+    """Check the config, find the checkpoint to resume from, then build the tracker and the loop."""
     p = plan(cfg)
     c = p.cfg
+    t = c["trainer"]
     rank, _ = dist_rank()
     default_dir, launch_dir, overrides = _hydra_job()
     run_dir = Path(run_dir or default_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = find_checkpoint(t.get("resume"), run_dir)
+    state: dict[str, Any] | None = None
+    if checkpoint is not None:
+        state = load_for_resume(checkpoint, c)  # readable, and from this config: before any building
+        run_dir = run_dir_of(checkpoint)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(c))  # the composed config, interpolations resolved
-    (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    _prepare_run_dir(run_dir, config_yaml)
+    if state is not None and rank == 0:
+        for name in ("metrics.jsonl", "samples.jsonl"):  # rows written after the checkpoint
+            truncate_jsonl(run_dir / name, int(state["step"]))
     tags = {
         "algo": str(c["algo"].get("name")),
         "model": str(c["model"].get("name")),
@@ -200,8 +276,17 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
         "run_dir": str(run_dir.resolve()),
         "overrides": overrides[:5000],
     }
-    seed_everything(int(c["trainer"]["seed"]) + rank)
-    tracker = Tracker(run_dir, c["logger"], params=flatten(c), tags=tags, launch_dir=launch_dir)
+    seed_everything(int(t["seed"]) + rank)
+    tracker = Tracker(
+        run_dir,
+        c["logger"],
+        params=flatten(c),
+        tags=tags,
+        launch_dir=launch_dir,
+        resume_run_id=state.get("mlflow_run_id") if state else None,
+        fresh=state is None,
+    )
+    signals = StopSignals()
     try:
         ctx = LoopContext(
             plan=p,
@@ -210,20 +295,28 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
             config_yaml=config_yaml,
             build_policy=partial(_build_policy, p),
             make_optimizer=partial(make_optimizer, c),
-            save_checkpoint=partial(_save, p, run_dir, config_yaml),
+            save_checkpoint=partial(_save, p, run_dir, config_yaml, tracker),
+            nonfinite=NonFiniteGuard(str(t["on_nonfinite"]), int(t["max_nonfinite"])),
+            save_every=int(t["save_every"] or 0),
+            stop_signal=signals.pending,
         )
         trainer = LOOPS.get(p.loop).fn(ctx)
+        if checkpoint is not None and state is not None:
+            _restore(trainer, checkpoint, state)
+            console.print(f"resumed from {checkpoint} at step {trainer.step}")
     except BaseException:
         tracker.close("FAILED")
         raise
-    return Session(p, run_dir, config_yaml, tracker, trainer)
+    return Session(p, run_dir, config_yaml, tracker, trainer, signals, checkpoint)
 
 
 def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
     """Train one job and return its summary (final held-out metrics, paths, MLflow run id).
 
-    The MLflow run is always ended: FINISHED, FAILED (any error) or KILLED (Ctrl-C). A NaN or inf
-    loss or gradient stops the run after saving the last finite state as a checkpoint.
+    The MLflow run is always ended: FINISHED, FAILED (any error) or KILLED (SIGINT/SIGTERM, after a
+    checkpoint of the last finished step). A NaN or inf loss or gradient stops the run
+    (``trainer.on_nonfinite=stop``); the state it reached is saved for inspection under
+    ``checkpoints/nonfinite_step_*`` (not resumed from: it may hold part of an iteration's updates).
     """
     started = time.perf_counter()
     session = build(cfg, run_dir)
@@ -231,16 +324,17 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     rank, _ = dist_rank()
     status = "FAILED"
     try:
-        trainer.run()
-        final = trainer.evaluate()
+        with session.signals:
+            trainer.run()
+            final = trainer.evaluate()
         tracker.log_metrics(final, step=trainer.step)
         if rank == 0:
             _finish(session)
         status = "FINISHED"
     except NonFiniteError as exc:
-        path = session.save()
-        raise NonFiniteError(f"{exc}; stopped, last finite state saved to {path}") from exc
-    except KeyboardInterrupt:
+        path = _save_for_inspection(session)
+        raise NonFiniteError(f"{exc}; stopped; the state it reached is in {path}") from exc
+    except (StopRequested, KeyboardInterrupt):
         status = "KILLED"
         raise
     finally:
@@ -256,6 +350,12 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
         title = f"rlx train: algo={c['algo'].get('name')} reward={c['reward'].get('name')}"
         console.print(summary_table(title, summary))
     return summary
+
+
+def _save_for_inspection(session: Session) -> Path:
+    path = session.run_dir / "checkpoints" / f"nonfinite_step_{session.trainer.step:06d}"
+    save_model_dir(path, session.trainer.policy, session.config_yaml)
+    return path
 
 
 def _finish(session: Session) -> None:

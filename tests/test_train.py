@@ -189,17 +189,59 @@ def test_nan_loss_stops_after_saving_a_checkpoint(tmp_path, mlflow_store):
             "logger.run_name=nan-test",
         ]
     )
-    with pytest.raises(NonFiniteError, match="saved to") as err:
+    with pytest.raises(NonFiniteError, match="non-finite loss") as err:
         train(cfg, run_dir=tmp_path)
-    checkpoints = list((tmp_path / "checkpoints").glob("step_*"))
-    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file()
-    assert "non-finite" in str(err.value)
+    # the state it reached is kept for inspection, apart from the checkpoints a resume would use
+    assert "nonfinite_step_000000" in str(err.value)
+    assert (tmp_path / "checkpoints" / "nonfinite_step_000000" / "config.json").is_file()
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
     assert not (tmp_path / "final").exists()  # nothing is passed off as a finished model
     client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_store / 'mlflow.db'}")
     runs = client.search_runs(
         client.get_experiment_by_name("rlx").experiment_id, "attributes.run_name = 'nan-test'"
     )
     assert runs[0].info.status == "FAILED"
+
+
+def test_on_nonfinite_skip_drops_those_updates_and_counts_them(tmp_path):
+    # completions that start with 0 get a reward whose loss overflows: those updates are skipped
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.steps=4",
+            "reward=custom",
+            "reward.fn=tests.rewards_for_tests:huge_if_first_is_zero",
+            "adv_norm=none",
+            "trainer.on_nonfinite=skip",
+            "trainer.max_nonfinite=100",
+            "logger=none",
+        ]
+    )
+    session = build(cfg, run_dir=tmp_path)
+    before = [p.detach().clone() for p in session.trainer.policy.parameters()]
+    session.trainer.run()
+    session.tracker.close()
+    skipped = [r["nonfinite/skipped"] for r in rows(tmp_path)]
+    assert skipped[-1] > 0 and skipped == sorted(skipped)  # counted, cumulatively
+    after = list(session.trainer.policy.parameters())
+    assert all(torch.isfinite(p).all() for p in after)  # a skipped update never reached the weights
+    assert skipped[-1] < 4 or all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_on_nonfinite_skip_stops_after_max_in_a_row(tmp_path):
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "reward=custom",
+            "reward.fn=tests.rewards_for_tests:huge",
+            "adv_norm=none",
+            "trainer.on_nonfinite=skip",
+            "trainer.max_nonfinite=2",
+            "logger=none",
+        ]
+    )
+    with pytest.raises(NonFiniteError, match="2 updates in a row skipped"):
+        train(cfg, run_dir=tmp_path)
 
 
 def test_custom_reward_gets_task_columns(tmp_path):

@@ -7,6 +7,11 @@ A loop module registers a builder with ``@LOOPS.register(name, plan=plan_fn)``:
   of a sweep before the first one starts.
 - ``builder(ctx: LoopContext) -> Trainer`` builds the models, optimizer and the trainer.
 
+After each iteration a loop calls ``ctx.step_done(trainer)``: it saves a checkpoint every
+``trainer.save_every`` iterations and, when SIGINT/SIGTERM arrived during the step, saves one and
+raises `StopRequested`. Updates check their loss and gradient norm with ``ctx.nonfinite`` (a
+`NonFiniteGuard`): ``trainer.on_nonfinite=stop`` raises, ``skip`` drops that update.
+
 A `Trainer` carries everything the next step depends on beyond the saved model, optimizer,
 scheduler and RNG states in ``state_dict()`` (plain tensors and Python values only, so that a
 checkpoint loads with ``torch.load(weights_only=True)``).
@@ -14,6 +19,7 @@ checkpoint loads with ``torch.load(weights_only=True)``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from rlx.errors import NonFiniteError, RlxError, StopRequested
 from rlx.registry import Registry
 
 if TYPE_CHECKING:
@@ -52,6 +59,49 @@ class Trainer(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class NonFiniteGuard:
+    """What happens to a NaN or inf loss or gradient norm: ``stop`` (raise `NonFiniteError`) or
+    ``skip`` (drop that optimizer update and count it; raise after ``max_in_row`` in a row).
+
+    Checked before ``backward`` (loss) and before ``optimizer.step`` (gradient norm), so a skipped
+    update never touches the parameters or the optimizer's moments.
+    """
+
+    def __init__(self, mode: str = "stop", max_in_row: int = 3) -> None:
+        if mode not in ("stop", "skip"):
+            raise RlxError(f"trainer.on_nonfinite must be stop or skip, got {mode!r}")
+        if max_in_row < 1:
+            raise RlxError(f"trainer.max_nonfinite must be >= 1, got {max_in_row}")
+        self.mode, self.max_in_row = mode, max_in_row
+        self.skipped = 0  # updates skipped in the whole run
+        self.in_row = 0
+
+    def ok(self, value: float | torch.Tensor, what: str, step: int) -> bool:
+        """True if ``value`` is finite. Otherwise raise (stop), or count it and return False (skip)."""
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if math.isfinite(v):
+            return True
+        if self.mode == "stop":
+            raise NonFiniteError(f"non-finite {what} ({v}) at iteration {step}")
+        self.skipped += 1
+        self.in_row += 1
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(
+                f"non-finite {what} ({v}) at iteration {step}: {self.in_row} updates in a row skipped "
+                f"(trainer.max_nonfinite={self.max_in_row})"
+            )
+        return False
+
+    def update_done(self) -> None:
+        self.in_row = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "in_row": self.in_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.in_row = int(state["skipped"]), int(state["in_row"])
+
+
 @dataclass
 class LoopContext:
     """What a loop builder gets: the checked plan and the run's shared services."""
@@ -63,3 +113,16 @@ class LoopContext:
     build_policy: Callable[[], Policy]
     make_optimizer: Callable[[Iterable[torch.nn.Parameter], int], tuple[torch.optim.Optimizer, Any]]
     save_checkpoint: Callable[[Trainer], Path]
+    nonfinite: NonFiniteGuard
+    save_every: int = 0
+    stop_signal: Callable[[], int | None] = lambda: None
+
+    def step_done(self, trainer: Trainer) -> None:
+        """Call after every iteration: periodic checkpoint; on SIGINT/SIGTERM, checkpoint and stop."""
+        saved: Path | None = None
+        if self.save_every and trainer.step % self.save_every == 0:
+            saved = self.save_checkpoint(trainer)
+        signum = self.stop_signal()
+        if signum is not None:
+            saved = saved or self.save_checkpoint(trainer)
+            raise StopRequested(signum, trainer.step, str(saved))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rlx.advantages import ADVANTAGES, frac_zero_std_groups
-from rlx.errors import NonFiniteError, require
+from rlx.errors import require
 from rlx.evaluate import evaluate
 from rlx.kl import KL_ESTIMATORS
 from rlx.loops import LOOPS, LoopContext
@@ -67,7 +66,6 @@ class OnlineSettings:
     kl_placement: str  # "loss" | "reward"
     ref_refresh: int
     eval_every: int
-    save_every: int
     samples_every: int
     eval_greedy: bool
     eval_batch_size: int
@@ -165,7 +163,6 @@ def plan_online(c: dict[str, Any], task: Task) -> OnlinePlan:
         kl_placement=str(kl.extra["placement"]) if kl else "loss",
         ref_refresh=int(kl.extra["ref_refresh"] or 0) if kl else 0,
         eval_every=int(t["eval_every"] or 0),
-        save_every=int(t["save_every"] or 0),
         samples_every=int(t["samples_every"] or 0),
         eval_greedy=bool(c["eval"]["greedy"]),
         eval_batch_size=int(c["eval"]["batch_size"]),
@@ -244,10 +241,15 @@ class OnlineTrainer:
     # -- state for checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Beyond the policy/optimizer/scheduler/RNG: the step and the reference model."""
-        return {"step": self.step, "ref": self.ref.model.state_dict() if self.ref is not None else None}
+        return {
+            "step": self.step,
+            "ref": self.ref.model.state_dict() if self.ref is not None else None,
+            "nonfinite": self.ctx.nonfinite.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.ctx.nonfinite.load_state_dict(state["nonfinite"])
         if self.ref is not None and state.get("ref") is not None:
             self.ref.model.load_state_dict(state["ref"])
 
@@ -347,6 +349,7 @@ class OnlineTrainer:
                 num_seqs = len(rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics: dict[str, float] = defaultdict(float)
+                skipped = False
                 for idx in _chunks(rows, self.s.micro_batch_size):
                     share = len(idx) / num_seqs
                     mask = ro.mask[idx]
@@ -372,20 +375,21 @@ class OnlineTrainer:
                         kl_loss = agg(kl_tokens, mask)
                         total = total + self.s.kl_coef * kl_loss
                         step_metrics["loss/kl"] += kl_loss.item()
-                    if not torch.isfinite(total):
-                        raise NonFiniteError(
-                            f"non-finite loss ({total.item()}) at iteration {self.step}: policy loss "
-                            f"{policy_loss.item()}"
-                        )
+                    what = f"loss (policy loss {policy_loss.item()})"
+                    if not self.ctx.nonfinite.ok(total, what, self.step):
+                        skipped = True
+                        break
                     total.backward()
                     step_metrics["loss/total"] += total.item()
                     step_metrics["loss/policy"] += policy_loss.item()
                     step_metrics["entropy"] += share * masked_mean(entropy.detach(), mask).item()
                     for k, v in loss_metrics.items():
                         step_metrics[k] += share * float(v)
-                grad_norm = self._clip_gradients()
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteError(f"non-finite gradient norm at iteration {self.step}")
+                grad_norm = float("nan") if skipped else self._clip_gradients()
+                if skipped or not self.ctx.nonfinite.ok(grad_norm, "gradient norm", self.step):
+                    self.optimizer.zero_grad(set_to_none=True)  # this update is dropped (on_nonfinite=skip)
+                    continue
+                self.ctx.nonfinite.update_done()
                 step_metrics["grad_norm"] = grad_norm
                 step_metrics["lr"] = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
@@ -393,7 +397,9 @@ class OnlineTrainer:
                 for k, v in step_metrics.items():
                     sums[k] += v
                     counts[k] += 1
-        return {k: sums[k] / counts[k] for k in sums}
+        out = {k: sums[k] / counts[k] for k in sums}
+        out["nonfinite/skipped"] = float(self.ctx.nonfinite.skipped)
+        return out
 
     def _aggregate_fn(self, num_tokens: float, num_seqs: int) -> Callable[[Tensor, Tensor], Tensor]:
         agg, max_len = self.p.aggregation, self.s.max_len or self.s.sampling.max_new_tokens
@@ -436,7 +442,7 @@ class OnlineTrainer:
         with self.samples_path.open("a", encoding="utf-8") as f:
             for i in range(min(groups * ro.group_size, len(ro.tokens))):
                 row = {
-                    "step": self.step,
+                    "step": self.step + 1,  # numbered like metrics.jsonl: the iteration being logged
                     "prompt": ro.batch.prompts[i],
                     "completion": ro.completions[i],
                     "reward": round(seq[i].item(), 6),
@@ -453,8 +459,7 @@ class OnlineTrainer:
                     metrics.update(self.evaluate())
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(self.step, metrics)
-                if self.s.save_every and self.step % self.s.save_every == 0:
-                    self.ctx.save_checkpoint(self)
+                self.ctx.step_done(self)
 
 
 def _sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
