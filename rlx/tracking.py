@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,11 +110,11 @@ class MlflowSink:
             self.client.update_run(resume_run_id, status="RUNNING")
             return
         if resume_run_id:
-            warnings.warn(
-                f"MLflow run {resume_run_id} of the checkpoint is not in {self.tracking_uri}; "
-                "the resumed run is logged as a new MLflow run",
-                RuntimeWarning,
-                stacklevel=2,
+            console.print(
+                f"[yellow]rlx: warning: MLflow run {resume_run_id} of the checkpoint is not in "
+                f"{self.tracking_uri}; the resumed run is logged as a new MLflow run[/yellow]",
+                highlight=False,
+                soft_wrap=True,
             )
         run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
@@ -133,11 +132,13 @@ class MlflowSink:
             fn(*args)
         except Exception as exc:  # a lost server must never stop training
             self._ok = False
-            warnings.warn(
-                f"MLflow ({self.tracking_uri}) failed at {what}: {type(exc).__name__}: {exc}. "
-                "Training continues; metrics keep going to metrics.jsonl.",
-                RuntimeWarning,
-                stacklevel=2,
+            reason = (str(exc).strip().splitlines() or [""])[0][:300]
+            console.print(
+                f"[yellow]rlx: warning: MLflow ({self.tracking_uri}) failed at {what}: "
+                f"{type(exc).__name__}: {reason}. Training continues; metrics keep going to "
+                "metrics.jsonl; `rlx sync <run dir>` uploads them later.[/yellow]",
+                highlight=False,
+                soft_wrap=True,
             )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -225,6 +226,7 @@ def http_settings(logger_cfg: Mapping[str, Any]) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(logger_cfg.get("http_retries", 2))))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(logger_cfg.get("http_timeout", 10))))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one rlx warning, not one per retry
 
 
 TRACKING_FILE = "tracking.json"
