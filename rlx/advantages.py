@@ -9,7 +9,8 @@ Interface: ``estimator(rewards, group_size, mask, *, hparams) -> advantages [N, 
   formula position by position, over the completions of the group that have a real token there.
 - The result is zero on masked positions and carries no gradient.
 
-GAE (PPO's critic-based estimator) needs values and lives with the PPO loop.
+`gae` (PPO's critic-based estimator) needs values and returns; it is called by the PPO loop (its
+settings are `algo.gamma` and `algo.lam`), not chosen through `adv_norm`.
 """
 
 from __future__ import annotations
@@ -129,3 +130,29 @@ def frac_zero_std_groups(sequence_rewards: Tensor, group_size: int) -> float:
     """Share of groups whose (sequence-level) rewards are all equal: their group advantage is 0."""
     groups = sequence_rewards.view(-1, group_size)
     return (groups.amax(1) == groups.amin(1)).float().mean().item()
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016): ``(advantages, returns)``, ``[N, T]``.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after the last real token;
+    A_t = sum_l (gamma * lambda)^l delta_{t+l}, computed backwards; R_t = A_t + V_t (the critic's
+    regression target). ``rewards`` are per token (PPO puts the outcome reward on the last real token
+    and the KL penalty on every token); both results are zero on masked positions and detached.
+    With gamma = lambda = 1, A_t = (sum of the rewards from t on) - V_t (Monte Carlo).
+    """
+    rewards, values, mask = rewards.detach().float(), values.detach().float(), mask.float()
+    n, t_max = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(t_max)):
+        # the next state's value and its running advantage count only if token t+1 is real
+        next_mask = mask[:, t + 1] if t + 1 < t_max else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < t_max else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * next_mask * last) * mask[:, t]
+        advantages[:, t] = last
+    returns = (advantages + values) * mask
+    return advantages, returns

@@ -16,6 +16,8 @@ direction we penalise. Seeds 002 and 004 have it right, as here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -47,3 +49,43 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 def kl_abs(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """|log pi_theta - log pi_ref|."""
     return (logp - ref_logp).abs()
+
+
+class KLController:
+    """The KL-in-reward coefficient beta, fixed or adaptive (Ziegler et al. 2019, section 2.2).
+
+    Adaptive: after each batch, e = clip(KL / target - 1, -0.2, 0.2) and
+    beta <- beta * (1 + e * n / horizon), with KL the batch's mean per-sequence KL to the reference
+    (the per-token estimates summed over each completion, as the paper and TRL measure it) and n the
+    number of completions in the batch. ``target = None`` keeps beta fixed.
+    """
+
+    def __init__(self, coef: float, *, target: float | None = None, horizon: float = 10000.0) -> None:
+        if coef < 0:
+            raise ValueError(f"KL coefficient must be >= 0, got {coef}")
+        if target is not None and target <= 0:
+            raise ValueError(f"KL target must be > 0, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"KL horizon must be > 0, got {horizon}")
+        self.coef = float(coef)
+        self.target = None if target is None else float(target)
+        self.horizon = float(horizon)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target is not None
+
+    def update(self, kl: float, n: int) -> float:
+        """Move beta after a batch of ``n`` completions whose mean sequence KL was ``kl``; return it."""
+        if self.target is not None:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.coef *= 1.0 + error * n / self.horizon
+        return self.coef
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coef": self.coef, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.coef = float(state["coef"])
+        self.target = None if state["target"] is None else float(state["target"])
+        self.horizon = float(state["horizon"])

@@ -167,9 +167,9 @@ def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: T
         trainer.step,
         trainer.policy,
         config_yaml=config_yaml,
-        trainer_state={
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
+        trainer_state={  # a loop without an optimizer (algo=trpo) stores None
+            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+            "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
             "loop": trainer.state_dict(),
             "mlflow_run_id": tracker.run_id,
         },

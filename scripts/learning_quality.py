@@ -12,6 +12,10 @@ around the whole process (start-up included). Run it on an otherwise idle machin
 Suites:
   sort         rlx train algo=grpo reward=sort         goal: eval/exact >= 0.95 within 300 s
   sort_tokens  rlx train algo=grpo reward=sort_tokens  goal: eval/exact >= 0.99 within 180 s
+  ppo          rlx train algo=ppo reward=sort|sort_tokens beside algo=grpo: eval/exact on the same
+               wall-time budget (300 s / 180 s)
+  trpo         rlx train algo=trpo reward=sort: accuracy reached and seconds per iteration
+  baby_rlhf    rlx train experiment=baby_rlhf     goal: reward/mean >= 0.95 per token within 60 s
   lecture      rlx train experiment=lecture_sort adv_norm=none|center|group_std, against the
                lecture's plateaus (2.67, 3.33, 3.33 of 5), and rlx's defaults on the same prompts
 Results: a markdown table on stdout and ``<out>/results.json``.
@@ -57,6 +61,8 @@ class Result:
     train_reward_last10: float | None = None
     goal: str = ""
     met: bool | None = None
+    s_per_iteration: float | None = None
+    exact_at_budget: float | None = None
     reference: str = ""
 
 
@@ -65,6 +71,40 @@ def cases() -> list[Case]:
         Case("sort", "grpo sort (as shipped)", ["algo=grpo", "reward=sort"], goal=0.95, budget_s=300),
         Case("sort_tokens", "grpo sort_tokens", ["algo=grpo", "reward=sort_tokens"], goal=0.99, budget_s=180),
     ]
+    # PPO vs GRPO on the same wall-time budget: compare eval/exact at the budget (time_to_goal and the
+    # accuracy-vs-time rows in metrics.jsonl); steps are set so both end near the budget.
+    for reward, budget in (("sort", 300), ("sort_tokens", 180)):
+        out.append(Case("ppo", f"ppo {reward}", ["algo=ppo", f"reward={reward}"], goal=0.95, budget_s=budget))
+        out.append(
+            Case(
+                "ppo",
+                f"grpo {reward} (same budget)",
+                ["algo=grpo", f"reward={reward}"],
+                goal=0.95,
+                budget_s=budget,
+            )
+        )
+    out.append(
+        Case(
+            "trpo",
+            "trpo sort",
+            ["algo=trpo", "reward=sort", "trainer.steps=300"],
+            goal=0.95,
+            budget_s=600,
+            reference="time per iteration: time/update_s + time/rollout_s in metrics.jsonl",
+        )
+    )
+    out.append(
+        Case(
+            "baby_rlhf",
+            "baby_rlhf (ppo, tiny_policy, token_match)",
+            ["experiment=baby_rlhf"],
+            goal_metric="reward/mean",
+            goal=0.95,
+            budget_s=60,
+            reference="seed 001: reward/mean (sampled, per token) >= 0.95",
+        )
+    )
     for mode, plateau in (("none", 2.67), ("center", 3.33), ("group_std", 3.33)):
         out.append(
             Case(
@@ -98,7 +138,7 @@ def run_case(case: Case, seed: int, out: Path) -> Result:
     run_dir = out / case.suite / f"{slug}-seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    eval_every = "10" if case.suite == "lecture" else "25"
+    eval_every = "10" if case.suite in ("lecture", "baby_rlhf") else "25"
     args = [
         *case.overrides,
         f"trainer.seed={seed}",
@@ -119,6 +159,12 @@ def run_case(case: Case, seed: int, out: Path) -> Result:
     res = Result(case.suite, case.name, seed, command, round(wall, 1), reference=case.reference)
     res.final = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
     res.train_reward_last10 = sum(r["reward/mean"] for r in train_rows[-10:]) / min(10, len(train_rows))
+    iter_s = [r["time/rollout_s"] + r["time/update_s"] for r in train_rows if "time/update_s" in r]
+    if iter_s:
+        res.s_per_iteration = round(sum(iter_s) / len(iter_s), 3)
+    if case.budget_s is not None:  # accuracy at the wall-time budget (the last evaluation within it)
+        within = [r for r in rows if "eval/exact" in r and r["time"] - start <= case.budget_s]
+        res.exact_at_budget = within[-1]["eval/exact"] if within else None
     if case.goal is not None:
         for r in rows:
             if r.get(case.goal_metric, float("-inf")) >= case.goal - 1e-9:
@@ -136,7 +182,7 @@ def run_case(case: Case, seed: int, out: Path) -> Result:
 
 def table(results: list[Result]) -> str:
     head = ["case", "seed", "final eval/exact", "final eval/reward", "train reward (last 10)", "time to goal"]
-    head += ["wall", "goal"]
+    head += ["eval/exact at budget", "s / iteration", "wall", "goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ttg = f"{r.time_to_goal_s} s (step {r.steps_to_goal})" if r.time_to_goal_s is not None else "—"
@@ -144,6 +190,7 @@ def table(results: list[Result]) -> str:
         lines.append(
             f"| {r.name} | {r.seed} | {r.final.get('eval/exact', float('nan')):.3f} | "
             f"{r.final.get('eval/reward', float('nan')):.3f} | {r.train_reward_last10:.2f} | {ttg} | "
+            f"{'—' if r.exact_at_budget is None else f'{r.exact_at_budget:.3f}'} | {r.s_per_iteration} | "
             f"{r.wall_s:.0f} s | {goal} |"
         )
     return "\n".join(lines)
@@ -153,7 +200,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", default="all", help="sort, sort_tokens, lecture or all (comma-separated)")
+    parser.add_argument(
+        "--suite",
+        default="all",
+        help="sort, sort_tokens, ppo, trpo, baby_rlhf, lecture or all (comma-separated)",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--out", default="outputs/quality", help="where runs and results.json go")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this text")

@@ -13,7 +13,7 @@ from rlx.cli import config_groups, main
 from tests.conftest import TINY, compose_cfg, run_rlx
 
 BAD_INPUT = [
-    (["algo=nope"], "unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, reinforce, rloo"),
+    (["algo=nope"], "unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, ppo, reinforce, rloo, trpo"),
     (["model=gpt9"], "unknown model 'gpt9'; choose from: tiny_gpt, tiny_policy, toy_sort"),
     (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
     (["loss.eps_hihg=0.3"], "unknown key 'loss.eps_hihg'; keys of loss: dual_clip, eps_high, eps_low, name"),
@@ -58,7 +58,7 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
     assert res.returncode == 2
     assert (
         res.stderr.strip()
-        == "rlx: error: unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, reinforce, rloo"
+        == "rlx: error: unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, ppo, reinforce, rloo, trpo"
     )
     assert "Traceback" not in res.stderr
 
@@ -66,15 +66,25 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
 def test_help_and_cfg_job_work_from_any_directory(tmp_path):
     res = run_rlx("train", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    for group in ("algo: dapo, dr_grpo, grpo, reinforce, rloo", "adv_norm:", "experiment: lecture_sort"):
+    for group in (
+        "algo: dapo, dr_grpo, grpo, ppo, reinforce, rloo, trpo",
+        "adv_norm:",
+        "experiment: baby_rlhf, lecture_sort",
+    ):
         assert group in res.stdout
     res = run_rlx("train", "algo=dapo", "--cfg", "job", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "eps_high: 0.28" in res.stdout and "dynamic_sampling: true" in res.stdout
 
 
-def test_every_option_of_every_group_composes_and_plans():
+def test_every_option_of_every_group_composes_and_plans(tmp_path):
+    from rlx.models.reward_model import build_tiny_reward_model
+    from rlx.models.tokenizer import build_number_tokenizer
     from rlx.train import plan
+
+    tok = build_number_tokenizer(10)  # a reward model on disk for reward=model
+    build_tiny_reward_model(tok, n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
 
     groups = config_groups()
     assert set(groups) >= {
@@ -93,6 +103,8 @@ def test_every_option_of_every_group_composes_and_plans():
             overrides = [f"{group}={option}"]
             if (group, option) == ("reward", "custom"):
                 overrides.append("reward.fn=tests.rewards_for_tests:length")
+            if (group, option) == ("reward", "model"):
+                overrides.append(f"reward.path={tmp_path}")
             cfg = compose_cfg(overrides)
             plan(cfg)  # raises on any inconsistency
 

@@ -47,7 +47,7 @@ class Trainer(Protocol):
 
     step: int
     policy: SavesItself
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None for a loop that steps by hand (algo=trpo)
     scheduler: Any
 
     def run(self) -> None: ...

@@ -133,6 +133,9 @@ def plan_online(c: dict[str, Any], task: Task) -> OnlinePlan:
         fn = reward.kwargs.get("fn")
         require(fn not in (None, "", "???"), "reward=custom needs reward.fn=my_module:my_reward")
         load_callable(str(fn), where="reward.fn")
+    check = reward.entry.meta.get("check")  # a reward's own start-up check (reward=model loads its model)
+    if check is not None:
+        check(dict(reward.kwargs))
     advantage = ADVANTAGES.resolve(c["adv_norm"], where="adv_norm")
     min_group = advantage.entry.meta.get("min_group_size", 1)
     require(

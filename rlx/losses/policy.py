@@ -75,3 +75,10 @@ def clipped_surrogate_loss(
         "kl/old": approx_kl_old(log_ratio.detach(), mask),
     }
     return loss, metrics
+
+
+def importance_sampled_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> Tensor:
+    """L_t = -ratio_t * A_t with ratio_t = exp(logp_t - old_logp_t): the unclipped surrogate TRPO
+    maximises inside its trust region (Schulman et al. 2015, eq. 14). Not registered as a ``loss``:
+    without a trust region it is not safe to take several steps on it."""
+    return -advantages * torch.exp(logp - old_logp)

@@ -125,13 +125,16 @@ class Policy:
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, comp_mask: Tensor
     ) -> Tensor:
         """Logits for every completion position, ``[N, T, V]``, with gradient (teacher forcing)."""
-        ids = torch.cat([prompt_ids, completion], dim=1)
-        attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
-        # Left padding: positions count real tokens only, as generate() does.
-        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
-        p, t = prompt_ids.shape[1], completion.shape[1]
-        return logits[:, p - 1 : p - 1 + t]
+        return completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask)[0]
+
+    def completion_logits_and_hidden(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, comp_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Logits ``[N, T, V]`` and the last hidden state ``[N, T, H]`` at the same positions (the
+        state before each completion token: what a value head reads), from one forward pass."""
+        logits, hidden = completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask, True)
+        assert hidden is not None
+        return logits, hidden
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,6 +222,35 @@ class Policy:
         """A ``save_pretrained`` directory: safetensors weights, config and tokenizer."""
         self.model.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
+
+
+def completion_forward(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion: Tensor,
+    comp_mask: Tensor,
+    hidden: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One teacher-forced pass of ``model`` over prompt + completion: the outputs at the positions that
+    predict each completion token (logits ``[N, T, V]``, and with ``hidden`` the last hidden state
+    ``[N, T, H]``). Left padding: positions count real tokens only, as generate() does."""
+    ids = torch.cat([prompt_ids, completion], dim=1)
+    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
+    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    extra = {"output_hidden_states": True} if hidden else {}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, **extra)
+    p, t = prompt_ids.shape[1], completion.shape[1]
+    logits = out.logits[:, p - 1 : p - 1 + t] if getattr(out, "logits", None) is not None else None
+    if not hidden:
+        return logits, None
+    states = getattr(out, "hidden_states", None)
+    if not states:
+        raise RlxError(
+            f"{type(model).__name__} returns no hidden states (output_hidden_states), so it cannot carry "
+            "a value head"
+        )
+    return logits, states[-1][:, p - 1 : p - 1 + t]
 
 
 @contextlib.contextmanager

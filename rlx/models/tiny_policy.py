@@ -43,8 +43,11 @@ class TinyPolicyModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def forward(self, input_ids: Tensor, **_: Any) -> CausalLMOutput:
-        return CausalLMOutput(logits=self.lm_head(self.embed(input_ids)))
+    def forward(self, input_ids: Tensor, output_hidden_states: bool = False, **_: Any) -> CausalLMOutput:
+        hidden = self.embed(input_ids)  # the whole "trunk": a value head reads this
+        return CausalLMOutput(
+            logits=self.lm_head(hidden), hidden_states=(hidden,) if output_hidden_states else None
+        )
 
 
 AutoConfig.register(TinyPolicyConfig.model_type, TinyPolicyConfig)
