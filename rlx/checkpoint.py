@@ -137,7 +137,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("model*.safetensors"))  # the trunk (value heads etc. live in the loop state)
     if not files:
         raise RlxError(f"checkpoint {path} has no safetensors weights")
     weights: dict[str, torch.Tensor] = {}

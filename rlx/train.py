@@ -242,8 +242,10 @@ def _restore(trainer: Trainer, checkpoint: Path, state: dict[str, Any]) -> None:
     else:
         load_model_weights(policy.model, checkpoint)  # type: ignore[attr-defined]
     try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
+        if trainer.optimizer is not None:  # algo=trpo has none
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scheduler is not None:
+            trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.load_state_dict(state["loop"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise RlxError(f"checkpoint {checkpoint} does not fit this run's trainer ({exc})") from exc

@@ -28,7 +28,6 @@ Where rlx departs from the papers:
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 from torch import Tensor
 
 from rlx.advantages import gae
-from rlx.errors import NonFiniteError, RlxError, require
+from rlx.errors import RlxError, require
 from rlx.kl import KLController
 from rlx.loops import LOOPS, LoopContext
 from rlx.loops.online import OnlinePlan, OnlineTrainer, _chunks, plan_online
@@ -297,6 +296,7 @@ class PPOTrainer(OnlineTrainer):
                 num_seqs = len(rows)
                 self._zero_grad()
                 m: dict[str, float] = defaultdict(float)
+                skipped = False
                 for idx in _chunks(rows, self.s.micro_batch_size):
                     share = len(idx) / num_seqs
                     mask = ro.mask[idx]
@@ -318,11 +318,10 @@ class PPOTrainer(OnlineTrainer):
                     else:
                         with torch.no_grad():
                             entropy = token_entropy(logits / temperature)
-                    if not torch.isfinite(total):
-                        raise NonFiniteError(
-                            f"non-finite loss ({total.item()}) at iteration {self.step}: policy loss "
-                            f"{policy_loss.item()}, value loss {value_loss.item()}"
-                        )
+                    what = f"loss (policy loss {policy_loss.item()}, value loss {value_loss.item()})"
+                    if not self.ctx.nonfinite.ok(total, what, self.step):
+                        skipped = True
+                        break
                     total.backward()
                     m["loss/total"] += total.item()
                     m["loss/policy"] += policy_loss.item()
@@ -330,6 +329,9 @@ class PPOTrainer(OnlineTrainer):
                     m["entropy"] += share * masked_mean(entropy.detach(), mask).item()
                     for k, v in {**loss_metrics, **value_metrics}.items():
                         m[k] += share * float(v)
+                if skipped:  # trainer.on_nonfinite=skip: this update is dropped
+                    self._zero_grad()
+                    continue
                 # KL early stop: this minibatch measured how far the previous steps moved pi from pi_old
                 if self.ppo.target_kl is not None and m["kl/old"] > 1.5 * self.ppo.target_kl:
                     self._zero_grad()
@@ -337,7 +339,10 @@ class PPOTrainer(OnlineTrainer):
                     counts["kl/old"] += 1
                     stopped = True
                     break
-                m["grad_norm"] = self._step_optimizers()
+                grad_norm = self._step_optimizers()
+                if grad_norm is None:
+                    continue
+                m["grad_norm"] = grad_norm
                 m["lr"] = self.optimizer.param_groups[0]["lr"]
                 steps_done += 1
                 for k, v in m.items():
@@ -347,6 +352,7 @@ class PPOTrainer(OnlineTrainer):
                 break
         out = {k: sums[k] / counts[k] for k in sums}
         out["early_stop"] = steps_done / self.s.minibatches
+        out["nonfinite/skipped"] = float(self.ctx.nonfinite.skipped)
         return out
 
     def _zero_grad(self) -> None:
@@ -354,20 +360,29 @@ class PPOTrainer(OnlineTrainer):
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
 
-    def _step_optimizers(self) -> float:
-        """Clip and step the policy's optimizer (and the separate critic's); the policy's grad norm."""
+    def _step_optimizers(self) -> float | None:
+        """Clip and step the policy's optimizer (and the separate critic's); the policy's grad norm.
+
+        Both norms are checked before either optimizer steps, so a dropped update
+        (``trainer.on_nonfinite=skip``, returning None) touches neither model."""
         max_norm = self.s.grad_clip if self.s.grad_clip else float("inf")
         params = [p for p in self.optimizer_params() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"non-finite gradient norm at iteration {self.step}")
-        self.optimizer.step()
-        self.scheduler.step()
+        critic_norm = 0.0
         if self.critic_optimizer is not None:
             critic_params = [p for p in self.critic.own_parameters() if p.grad is not None]
             critic_norm = float(torch.nn.utils.clip_grad_norm_(critic_params, max_norm))
-            if not math.isfinite(critic_norm):
-                raise NonFiniteError(f"non-finite critic gradient norm at iteration {self.step}")
+        guard = self.ctx.nonfinite
+        if not (
+            guard.ok(grad_norm, "gradient norm", self.step)
+            and guard.ok(critic_norm, "critic gradient norm", self.step)
+        ):
+            self._zero_grad()
+            return None
+        guard.update_done()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.critic_optimizer is not None:
             self.critic_optimizer.step()
             self.critic_scheduler.step()
         return grad_norm

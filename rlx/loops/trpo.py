@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from rlx.errors import NonFiniteError, require
+from rlx.errors import require
 from rlx.loops import LOOPS, LoopContext
 from rlx.loops.online import OnlinePlan, OnlineTrainer, _chunks, _kl_shaped_rewards, plan_online
 from rlx.losses.entropy import token_entropy
@@ -232,8 +232,8 @@ class TRPOTrainer(OnlineTrainer):
         entropy_sum = 0.0
         for idx in chunks:
             objective, _, entropy = self._objective(ro, idx, advantages, num_tokens, num_seqs)
-            if not torch.isfinite(objective):
-                raise NonFiniteError(f"non-finite surrogate ({objective.item()}) at iteration {self.step}")
+            if not self.ctx.nonfinite.ok(objective, "surrogate", self.step):  # skip: no step this time
+                return {"nonfinite/skipped": float(self.ctx.nonfinite.skipped)}
             for acc, g in zip(grads, torch.autograd.grad(objective, self.params, allow_unused=True)):
                 if g is not None:
                     acc += g
@@ -241,8 +241,9 @@ class TRPOTrainer(OnlineTrainer):
             entropy_sum += masked_sum(entropy.detach(), ro.mask[idx]).item()
         g = parameters_to_vector(grads)
         grad_norm = g.norm().item()
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"non-finite gradient norm at iteration {self.step}")
+        if not self.ctx.nonfinite.ok(grad_norm, "gradient norm", self.step):
+            return {"nonfinite/skipped": float(self.ctx.nonfinite.skipped)}
+        self.ctx.nonfinite.update_done()
 
         def fvp(v: Tensor) -> Tensor:
             """(Hessian of the mean KL at theta_old) v + damping v, by double backprop."""
@@ -301,4 +302,5 @@ class TRPOTrainer(OnlineTrainer):
             "trpo/kl": kl,
             "trpo/improvement": improvement,
             "trpo/cg_iters": float(cg_iters),
+            "nonfinite/skipped": float(self.ctx.nonfinite.skipped),
         }
