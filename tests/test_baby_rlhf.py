@@ -39,4 +39,4 @@ def test_baby_rlhf_samples_from_the_policy_and_learns(tmp_path):
     assert train_rows[0]["reward/mean"] < 0.4
     assert train_rows[-1]["reward/mean"] > train_rows[0]["reward/mean"] + 0.3
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len({tuple(s["completion"]) for s in samples if s["step"] == 0}) > 1  # really sampled
+    assert len({tuple(s["completion"]) for s in samples if s["step"] == 1}) > 1  # really sampled
