@@ -32,6 +32,7 @@ from typing import Any
 from rlx.errors import RlxError
 
 KINDS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompt",),
     "sft": ("prompt", "completion"),
     "pairs": ("prompt", "chosen", "rejected"),
     "scored_pairs": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
@@ -120,6 +121,8 @@ def load_table(source: str, *, split: str = "train", where: str = "data.train") 
             return datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "corresponds to no data" in reason:  # a file with a schema but no rows
+                raise RlxError(f"{where}={source}: the dataset is empty") from exc
             raise RlxError(f"{where}={source}: cannot be read as {kind}: {reason}") from exc
     try:
         return datasets.load_dataset(source, split=split)
@@ -137,7 +140,7 @@ def column_map(kind: str, fmt: str, names: list[str], overrides: Mapping[str, An
         raise RlxError(f"data kind {kind!r}; one of {', '.join(KINDS)}")
     if fmt not in ("auto", "trl", "dolly"):
         raise RlxError(f"data.format={fmt!r}; one of auto, trl, dolly")
-    if fmt == "dolly" and kind != "sft":
+    if fmt == "dolly" and kind not in ("sft", "prompts"):
         raise RlxError("data.format=dolly is a demonstration format (algo=sft or task=text)")
     dolly = fmt == "dolly" or (
         fmt == "auto"
@@ -146,6 +149,8 @@ def column_map(kind: str, fmt: str, names: list[str], overrides: Mapping[str, An
         and {"instruction", "response"} <= set(names)
     )
     mapping = dict(DOLLY_COLUMNS) if dolly else {k: k for k in KINDS[kind]}
+    if dolly and kind == "prompts":
+        mapping.pop("completion")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
