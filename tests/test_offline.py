@@ -114,7 +114,7 @@ def test_reward_model_score_does_not_depend_on_batch_padding(tmp_path, sort_data
 def test_dpo_starts_at_zero_implicit_reward_and_log2_loss(tmp_path, sort_data):
     cfg = compose_cfg(["algo=dpo", *OFFLINE, *data_args(sort_data, "pairs"), "trainer.steps=1"])
     train(cfg, run_dir=tmp_path)
-    first = [r for r in rows(tmp_path) if "loss/total" in r][0]
+    first = next(r for r in rows(tmp_path) if "loss/total" in r)
     # pi_ref is the starting policy, so at the first step z = 0 and L = log 2
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
