@@ -10,11 +10,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlx.cli import config_groups, main
-from tests.conftest import TINY, compose_cfg, run_rlx
+from tests.conftest import REPO, TINY, compose_cfg, run_rlx
 
 BAD_INPUT = [
-    (["algo=nope"], "unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, reinforce, rloo"),
-    (["model=gpt9"], "unknown model 'gpt9'; choose from: tiny_gpt, tiny_policy, toy_sort"),
+    (
+        ["algo=nope"],
+        "unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, ipo, reinforce, rloo, rm, sft, spo",
+    ),
+    (["model=gpt9"], "unknown model 'gpt9'; choose from: hf, tiny_gpt, tiny_policy, toy_sort"),
     (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
     (["loss.eps_hihg=0.3"], "unknown key 'loss.eps_hihg'; keys of loss: dual_clip, eps_high, eps_low, name"),
     (["trainer.group_size=1"], "adv_norm=group_std needs trainer.group_size >= 2, got 1"),
@@ -58,7 +61,7 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
     assert res.returncode == 2
     assert (
         res.stderr.strip()
-        == "rlx: error: unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, reinforce, rloo"
+        == "rlx: error: unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, ipo, reinforce, rloo, rm, sft, spo"
     )
     assert "Traceback" not in res.stderr
 
@@ -66,7 +69,11 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
 def test_help_and_cfg_job_work_from_any_directory(tmp_path):
     res = run_rlx("train", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    for group in ("algo: dapo, dr_grpo, grpo, reinforce, rloo", "adv_norm:", "experiment: lecture_sort"):
+    for group in (
+        "algo: dapo, dpo, dr_grpo, grpo, ipo, reinforce, rloo, rm, sft, spo",
+        "adv_norm:",
+        "experiment:",
+    ):
         assert group in res.stdout
     res = run_rlx("train", "algo=dapo", "--cfg", "job", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -93,6 +100,12 @@ def test_every_option_of_every_group_composes_and_plans():
             overrides = [f"{group}={option}"]
             if (group, option) == ("reward", "custom"):
                 overrides.append("reward.fn=tests.rewards_for_tests:length")
+            if group == "algo" and option in ("sft", "rm", "dpo", "ipo", "spo"):  # offline: need data
+                kind = "sft" if option == "sft" else "pairs"
+                overrides.append(f"data.train={REPO / 'tests' / 'data' / f'sort_{kind}_tiny.jsonl'}")
+            if (group, option) == ("task", "text"):
+                overrides += [f"task.path={REPO / 'tests' / 'data' / 'dolly_tiny.jsonl'}", "task.eval_size=2"]
+                overrides += ["reward=custom", "reward.fn=tests.rewards_for_tests:text_length"]
             cfg = compose_cfg(overrides)
             plan(cfg)  # raises on any inconsistency
 

@@ -144,13 +144,16 @@ def column_map(kind: str, fmt: str, names: list[str], overrides: Mapping[str, An
         raise RlxError("data.format=dolly is a demonstration format (algo=sft or task=text)")
     dolly = fmt == "dolly" or (
         fmt == "auto"
-        and kind == "sft"
+        and kind in ("sft", "prompts")
         and "prompt" not in names
         and {"instruction", "response"} <= set(names)
     )
     mapping = dict(DOLLY_COLUMNS) if dolly else {k: k for k in KINDS[kind]}
-    if dolly and kind == "prompts":
-        mapping.pop("completion")
+    if kind == "prompts":  # a reference answer is optional for a prompt file
+        if not dolly and "completion" in names:
+            mapping["completion"] = "completion"
+        if mapping.get("completion") not in names:
+            mapping.pop("completion", None)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -211,7 +214,7 @@ def read_examples(
         elif context_col and context_col in names and isinstance(row.get(context_col), str):
             if row[context_col].strip():
                 values["prompt"] = f"{values['prompt']}\n\n{row[context_col].strip()}"
-        if kind != "sft" and values["chosen"] == values["rejected"]:
+        if kind in ("pairs", "scored_pairs") and values["chosen"] == values["rejected"]:
             report.skipped_identical += 1
             continue
         out.append(Example(**values))
