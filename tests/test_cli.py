@@ -60,8 +60,8 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
     res = run_rlx("train", "algo=nope", cwd=tmp_path)
     assert res.returncode == 2
     assert (
-        res.stderr.strip()
-        == "rlx: error: unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, ipo, reinforce, rloo, rm, sft, spo"
+        res.stderr.strip() == "rlx: error: unknown algo 'nope'; choose from: "
+        "dapo, dpo, dr_grpo, grpo, ipo, reinforce, rloo, rm, sft, spo"
     )
     assert "Traceback" not in res.stderr
 

@@ -40,7 +40,7 @@ def tiny_gpt2(tmp_path_factory):
 def test_loads_a_local_directory_and_handles_the_missing_pad_token(tiny_gpt2):
     policy = build_hf(SortTask(eval_size=4), name_or_path=str(tiny_gpt2))
     assert policy.tokenizer.pad_token == "<|endoftext|>" and policy.tokenizer.padding_side == "left"
-    ids, mask = policy.encode(([3, 1], [5, 4, 2, 0]))
+    _, mask = policy.encode(([3, 1], [5, 4, 2, 0]))
     assert mask[0].tolist() == [0, 0, 1, 1]  # left padded
     assert not policy.chat_template  # this tokenizer has no chat template
 
@@ -148,8 +148,11 @@ def test_dolly_file_as_a_text_task_for_online_training(tiny_gpt2, tmp_path):
             f"model.name_or_path={tiny_gpt2}",
             "task=text",
             f"task.path={DATA / 'dolly_tiny.jsonl'}",
+            "task.eval_size=2",
+            f"data.train={DATA / 'dolly_tiny.jsonl'}",
+            "trainer.steps=1",
+            "logger=none",
         ]
-        + ["task.eval_size=2", f"data.train={DATA / 'dolly_tiny.jsonl'}", "trainer.steps=1", "logger=none"]
     )
     summary = train(cfg, run_dir=tmp_path / "sft")
     assert "eval/exact" not in summary  # no ground truth: no task evaluation
