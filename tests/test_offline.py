@@ -14,6 +14,8 @@ from transformers import AutoConfig
 from rlx.data.sort import write_sort_data
 from rlx.errors import RlxError
 from rlx.loops.offline import pad_batch
+from rlx.models import load_pretrained
+from rlx.tasks.sort import SortTask
 from rlx.train import build, plan, train
 from tests.conftest import TINY_GPT, compose_cfg
 
@@ -69,6 +71,8 @@ def test_each_offline_algo_trains_a_few_steps(algo, tmp_path, sort_data, initial
         config = AutoConfig.from_pretrained(tmp_path / "final")
         assert config.architectures == ["GPT2ForSequenceClassification"] and config.num_labels == 1
         assert final["score.weight"].shape[0] == 1
+        with pytest.raises(RlxError, match="is a reward model"):  # rlx eval / sample refuse it
+            load_pretrained(tmp_path / "final", SortTask(eval_size=4), "rm")
     else:
         assert any(not torch.equal(final[k], initial_weights[k]) for k in initial_weights)
 

@@ -7,6 +7,7 @@ directory (an rlx checkpoint or any local causal LM with its tokenizer) instead 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ def load_pretrained(path: str | Path, task: Task, name: str) -> Policy:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RlxError(f"{path} is not a save_pretrained model directory (no config.json)")
+    archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        # AutoModelForCausalLM would load the trunk and invent a random LM head without a word
+        raise RlxError(f"{path} is a reward model ({archs[0]}), not a causal LM policy")
     model = AutoModelForCausalLM.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return Policy(model, tokenizer, task, name)
