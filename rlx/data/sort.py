@@ -8,7 +8,9 @@ files', so held-out figures are held out twice over.
 
 A rejected answer is a corrupted ordering of the sorted answer, one of: two different numbers
 swapped; one number replaced by another value; the prompt's own (unsorted) order; a shuffle; a
-number duplicated over its neighbour; the answer cut short (possibly empty). Short answers matter
+number duplicated over its neighbour; the answer cut short (possibly empty); a sorted list with one
+number replaced (sorted, but not the prompt's numbers; drawn twice as often, because a reward model
+that only checks sortedness is what RL on it exploits first). Short answers matter
 for RL on a learned reward model: a policy can stop early (EOS), and a reward model that never saw a
 short answer scores it at random, which RL then exploits. Scores are the sort reward normalised to
 [0, 1] (the share of the n positions that match the sorted answer), so the chosen answer scores 1.
@@ -33,7 +35,7 @@ def corrupt(target: list[int], prompt: list[int], vocab: int, rng: np.random.Gen
     """A wrong answer for ``prompt`` (never equal to ``target``, the sorted prompt)."""
     n = len(target)
     for _ in range(100):
-        kind = int(rng.integers(0, 6))
+        kind = int(rng.integers(0, 8))
         out = list(target)
         if kind == 0 and n > 1:  # swap two positions holding different numbers
             i, j = (int(x) for x in rng.choice(n, size=2, replace=False))
@@ -50,6 +52,10 @@ def corrupt(target: list[int], prompt: list[int], vocab: int, rng: np.random.Gen
             out[i + 1] = out[i]
         elif kind == 5:  # cut short: the first k numbers, k < n (k = 0: an empty answer)
             out = out[: int(rng.integers(0, n))]
+        elif kind >= 6:  # sorted, but one number replaced: the wrong numbers in the right order
+            i = int(rng.integers(0, n))
+            out[i] = int((out[i] + rng.integers(1, vocab)) % vocab)
+            out = sorted(out)
         if out != target:
             return out
     out = list(target)
