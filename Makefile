@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.rlx-installed
 
-.PHONY: install run test lint format quality clean
+.PHONY: install run test lint format quality rlhf-sort clean
 
 install: $(STAMP)
 
@@ -44,6 +44,26 @@ format: install
 # Learning-quality figures quoted in the README (minutes each; not part of `make test`).
 quality: install
 	$(BIN)/python scripts/learning_quality.py $(ARGS)
+
+# The RLHF pipeline on the sort task (experiment=rlhf_sort): data -> SFT -> reward model -> RL on the
+# reward model with KL to the SFT model -> rlx eval; and DPO from the same SFT model on the same pairs.
+# Each stage reads the previous stages' directories under RLHF_DIR. RLHF_RL picks the RL stage, e.g.
+#   make rlhf-sort RLHF_RL="algo=grpo reward=model reward.path=outputs/rlhf_sort/rm/final" RLHF_RL_DIR=grpo
+RLHF_DIR    ?= outputs/rlhf_sort
+RLHF_RL     ?= algo=ppo reward=model reward.path=$(RLHF_DIR)/rm/final
+RLHF_RL_DIR ?= ppo
+RLHF_ARGS   ?=
+RLHF := $(BIN)/rlx train experiment=rlhf_sort rlhf.dir=$(RLHF_DIR) $(RLHF_ARGS)
+
+rlhf-sort: install
+	$(BIN)/rlx data sort --out $(RLHF_DIR)/data
+	$(RLHF) algo=sft
+	$(RLHF) algo=rm
+	$(RLHF) $(RLHF_RL)
+	$(RLHF) algo=dpo
+	$(BIN)/rlx eval $(RLHF_DIR)/sft
+	$(BIN)/rlx eval $(RLHF_DIR)/$(RLHF_RL_DIR)
+	$(BIN)/rlx eval $(RLHF_DIR)/dpo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

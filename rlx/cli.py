@@ -2,6 +2,8 @@
 
 rlx train [overrides]        train one job (Hydra: --help, --cfg job, -m for a sweep)
 rlx eval RUN_DIR|CHECKPOINT  held-out reward and exact accuracy of a run's final model
+rlx data sort --out DIR      write sort-task SFT demonstrations and preference pairs (JSONL)
+rlx sample RUN_DIR -p TEXT   a checkpoint's answers to prompts, side by side with its base model's
 rlx sync RUN_DIR             upload a run's metrics and artifacts to MLflow (after a lost server)
 """
 
@@ -267,7 +269,77 @@ def cmd_sync(argv: list[str]) -> None:
         )
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sync": cmd_sync}
+# --------------------------------------------------------------------------------------------------
+# rlx data
+# --------------------------------------------------------------------------------------------------
+def cmd_data(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rlx data", description="Write datasets for the offline algorithms."
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    sort = sub.add_parser(
+        "sort",
+        help="sort-task SFT demonstrations and preference pairs (train and held-out JSONL)",
+        description="SFT demonstrations (prompt -> sorted list) and scored preference pairs (sorted vs "
+        "a corrupted ordering) in the sort task's own text format. Prompts avoid the task's held-out "
+        "eval set (same --length/--vocab/--task-seed/--task-eval-size as task=sort).",
+    )
+    sort.add_argument("--out", required=True, help="output directory")
+    sort.add_argument("--length", type=int, default=4, help="numbers per prompt (task.length)")
+    sort.add_argument("--vocab", type=int, default=10, help="numbers are 0..vocab-1 (task.vocab)")
+    sort.add_argument("--train", type=int, default=4000, help="training prompts")
+    sort.add_argument("--heldout", type=int, default=500, help="held-out prompts")
+    sort.add_argument("--seed", type=int, default=0, help="seed of the draw and of the corruptions")
+    sort.add_argument("--task-seed", type=int, default=1234, help="task.seed of the eval set to avoid")
+    sort.add_argument("--task-eval-size", type=int, default=500, help="task.eval_size of that eval set")
+    ns = parser.parse_args(argv)
+    from rlx.data.sort import write_sort_data
+
+    paths = write_sort_data(
+        Path(ns.out),
+        length=ns.length,
+        vocab=ns.vocab,
+        train=ns.train,
+        heldout=ns.heldout,
+        seed=ns.seed,
+        task_seed=ns.task_seed,
+        task_eval_size=ns.task_eval_size,
+    )
+    for name, path in paths.items():
+        print(f"{name:14s} {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# rlx sample
+# --------------------------------------------------------------------------------------------------
+def cmd_sample(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rlx sample",
+        description="A checkpoint's answers to given prompts, side by side with its base model's "
+        "(the model the run started from: model.init_from / model.name_or_path, or --base).",
+    )
+    parser.add_argument("path", help="a run directory (its final/ model) or a checkpoint directory")
+    parser.add_argument("-p", "--prompt", action="append", default=[], help="a prompt text (repeatable)")
+    parser.add_argument("--file", help="a text file with one prompt per line")
+    parser.add_argument("--base", help="the model to compare with (default: the run's starting model)")
+    parser.add_argument("--no-base", action="store_true", help="show the checkpoint's answers only")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per prompt")
+    ns = parser.parse_args(argv)
+    from rlx.sample import run_sample
+
+    run_sample(ns)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "data": cmd_data,
+    "sample": cmd_sample,
+    "sync": cmd_sync,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,11 @@ Suites:
   baby_rlhf    rlx train experiment=baby_rlhf     goal: reward/mean >= 0.95 per token within 60 s
   lecture      rlx train experiment=lecture_sort adv_norm=none|center|group_std, against the
                lecture's plateaus (2.67, 3.33, 3.33 of 5), and rlx's defaults on the same prompts
+  rlhf         the experiment=rlhf_sort pipeline, stage by stage in one directory per seed
+               (rlx data sort, then SFT -> RM -> PPO-on-RM / GRPO-on-RM, and DPO from the same SFT):
+               held-out exact-sort accuracy after each stage (goal: the RL and DPO stages beat the
+               SFT row) and the reward model's held-out pair accuracy (goal >= 0.95). The PPO and
+               reward=model stages need issue 3's algo=ppo and reward=model.
 Results: a markdown table on stdout and ``<out>/results.json``.
 """
 
@@ -46,6 +51,7 @@ class Case:
     goal: float | None = None
     budget_s: float | None = None
     reference: str = ""
+    stage: str | None = None  # an experiment=rlhf_sort stage: runs in <out>/<suite>/seed<N>/<stage>
 
 
 @dataclass
@@ -130,16 +136,53 @@ def cases() -> list[Case]:
             reference="goal 5.0 of 5",
         )
     )
+    out += rlhf_cases()
     return out
+
+
+def rlhf_cases() -> list[Case]:
+    """The sort RLHF pipeline, in stage order (a stage reads the directories of the ones before it)."""
+    on_rm = ["reward=model", "reward.path=${rlhf.dir}/rm/final"]
+    beat_sft = "goal: beat the SFT row's eval/exact"
+    return [
+        Case("rlhf", "rlhf_sort sft", ["algo=sft"], stage="sft", reference="the starting point"),
+        Case(
+            "rlhf",
+            "rlhf_sort rm",
+            ["algo=rm"],
+            goal_metric="eval/pair_accuracy",
+            goal=0.95,
+            stage="rm",
+        ),
+        Case("rlhf", "rlhf_sort dpo", ["algo=dpo"], stage="dpo", reference=beat_sft),
+        Case("rlhf", "rlhf_sort ppo on rm", ["algo=ppo", *on_rm], stage="ppo", reference=beat_sft),
+        Case("rlhf", "rlhf_sort grpo on rm", ["algo=grpo", *on_rm], stage="grpo", reference=beat_sft),
+        Case(
+            "rlhf",
+            "rlhf_sort grpo on sort reward",
+            ["algo=grpo", "reward=sort"],
+            stage="grpo_sort",
+            reference="the RL stage with the true reward instead of the RM",
+        ),
+    ]
 
 
 def run_case(case: Case, seed: int, out: Path) -> Result:
     slug = re.sub(r"[^A-Za-z0-9_]+", "-", case.name).strip("-")
     run_dir = out / case.suite / f"{slug}-seed{seed}"
+    stage_args: list[str] = []
+    if case.stage:
+        pipeline = out / case.suite / f"seed{seed}"
+        run_dir = pipeline / case.stage
+        stage_args = ["experiment=rlhf_sort", f"rlhf.dir={pipeline}"]
+        if case.stage == "sft":
+            data = [RLX, "data", "sort", "--out", str(pipeline / "data"), "--seed", str(seed)]
+            subprocess.run(data, check=True, capture_output=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     eval_every = "10" if case.suite in ("lecture", "baby_rlhf") else "25"
     args = [
+        *stage_args,
         *case.overrides,
         f"trainer.seed={seed}",
         f"trainer.eval_every={eval_every}",
@@ -158,7 +201,8 @@ def run_case(case: Case, seed: int, out: Path) -> Result:
     train_rows = [r for r in rows if "reward/mean" in r]
     res = Result(case.suite, case.name, seed, command, round(wall, 1), reference=case.reference)
     res.final = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
-    res.train_reward_last10 = sum(r["reward/mean"] for r in train_rows[-10:]) / min(10, len(train_rows))
+    if train_rows:  # online runs; the offline stages have no sampled reward
+        res.train_reward_last10 = sum(r["reward/mean"] for r in train_rows[-10:]) / min(10, len(train_rows))
     iter_s = [r["time/rollout_s"] + r["time/update_s"] for r in train_rows if "time/update_s" in r]
     if iter_s:
         res.s_per_iteration = round(sum(iter_s) / len(iter_s), 3)
@@ -182,14 +226,17 @@ def run_case(case: Case, seed: int, out: Path) -> Result:
 
 def table(results: list[Result]) -> str:
     head = ["case", "seed", "final eval/exact", "final eval/reward", "train reward (last 10)", "time to goal"]
+    head[3] = "final eval/reward (RM: pair accuracy)"
     head += ["eval/exact at budget", "s / iteration", "wall", "goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ttg = f"{r.time_to_goal_s} s (step {r.steps_to_goal})" if r.time_to_goal_s is not None else "—"
         goal = f"{r.goal}: {'met' if r.met else 'NOT met'}" if r.goal else r.reference
+        second = r.final.get("eval/reward", r.final.get("eval/pair_accuracy", float("nan")))
+        last10 = f"{r.train_reward_last10:.2f}" if r.train_reward_last10 is not None else "—"
         lines.append(
             f"| {r.name} | {r.seed} | {r.final.get('eval/exact', float('nan')):.3f} | "
-            f"{r.final.get('eval/reward', float('nan')):.3f} | {r.train_reward_last10:.2f} | {ttg} | "
+            f"{second:.3f} | {last10} | {ttg} | "
             f"{'—' if r.exact_at_budget is None else f'{r.exact_at_budget:.3f}'} | {r.s_per_iteration} | "
             f"{r.wall_s:.0f} s | {goal} |"
         )
@@ -203,7 +250,7 @@ def main() -> None:
     parser.add_argument(
         "--suite",
         default="all",
-        help="sort, sort_tokens, ppo, trpo, baby_rlhf, lecture or all (comma-separated)",
+        help="sort, sort_tokens, ppo, trpo, baby_rlhf, lecture, rlhf or all (comma-separated)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--out", default="outputs/quality", help="where runs and results.json go")

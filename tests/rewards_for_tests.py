@@ -24,3 +24,8 @@ def text_digits(prompts, completions, prompt_text, completion_text):
     assert all(isinstance(t, str) for t in prompt_text + completion_text)
     assert prompt_text[0] == " ".join(map(str, prompts[0]))
     return [float(sum(ch.isdigit() for ch in t)) for t in completion_text]
+
+
+def text_length(prompts, completions):
+    """Text tasks: the number of characters of each completion (capped), for a few online steps."""
+    return [float(min(len(c), 20)) for c in completions]

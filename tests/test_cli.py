@@ -10,11 +10,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlx.cli import config_groups, main
-from tests.conftest import TINY, compose_cfg, run_rlx
+from tests.conftest import REPO, TINY, compose_cfg, run_rlx
 
 BAD_INPUT = [
-    (["algo=nope"], "unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, ppo, reinforce, rloo, trpo"),
-    (["model=gpt9"], "unknown model 'gpt9'; choose from: tiny_gpt, tiny_policy, toy_sort"),
+    (
+        ["algo=nope"],
+        "unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, "
+        "spo, trpo",
+    ),
+    (["model=gpt9"], "unknown model 'gpt9'; choose from: hf, tiny_gpt, tiny_policy, toy_sort"),
     (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
     (["loss.eps_hihg=0.3"], "unknown key 'loss.eps_hihg'; keys of loss: dual_clip, eps_high, eps_low, name"),
     (["trainer.group_size=1"], "adv_norm=group_std needs trainer.group_size >= 2, got 1"),
@@ -57,8 +61,8 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
     res = run_rlx("train", "algo=nope", cwd=tmp_path)
     assert res.returncode == 2
     assert (
-        res.stderr.strip()
-        == "rlx: error: unknown algo 'nope'; choose from: dapo, dr_grpo, grpo, ppo, reinforce, rloo, trpo"
+        res.stderr.strip() == "rlx: error: unknown algo 'nope'; choose from: "
+        "dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, spo, trpo"
     )
     assert "Traceback" not in res.stderr
 
@@ -67,9 +71,9 @@ def test_help_and_cfg_job_work_from_any_directory(tmp_path):
     res = run_rlx("train", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     for group in (
-        "algo: dapo, dr_grpo, grpo, ppo, reinforce, rloo, trpo",
+        "algo: dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, spo, trpo",
         "adv_norm:",
-        "experiment: baby_rlhf, lecture_sort",
+        "experiment: baby_rlhf, lecture_sort, rlhf_sort",
     ):
         assert group in res.stdout
     res = run_rlx("train", "algo=dapo", "--cfg", "job", cwd=tmp_path)
@@ -105,6 +109,12 @@ def test_every_option_of_every_group_composes_and_plans(tmp_path):
                 overrides.append("reward.fn=tests.rewards_for_tests:length")
             if (group, option) == ("reward", "model"):
                 overrides.append(f"reward.path={tmp_path}")
+            if group == "algo" and option in ("sft", "rm", "dpo", "ipo", "spo"):  # offline: need data
+                kind = "sft" if option == "sft" else "pairs"
+                overrides.append(f"data.train={REPO / 'tests' / 'data' / f'sort_{kind}_tiny.jsonl'}")
+            if (group, option) == ("task", "text"):
+                overrides += [f"task.path={REPO / 'tests' / 'data' / 'dolly_tiny.jsonl'}", "task.eval_size=2"]
+                overrides += ["reward=custom", "reward.fn=tests.rewards_for_tests:text_length"]
             cfg = compose_cfg(overrides)
             plan(cfg)  # raises on any inconsistency
 

@@ -7,6 +7,7 @@ directory (an rlx checkpoint or any local causal LM with its tokenizer) instead 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from rlx.models.toy_sort import ToySortConfig, ToySortModel
 from rlx.registry import instantiate_checked
 from rlx.tasks import Task
 
-__all__ = ["Policy", "Sampling", "build_model", "load_pretrained", "token_logp"]
+__all__ = ["Policy", "Sampling", "build_model", "build_reward_model", "load_pretrained", "token_logp"]
 
 hf_logging.disable_progress_bar()  # rlx shows its own progress; HF's bars would interleave
 
@@ -51,6 +52,10 @@ def load_pretrained(path: str | Path, task: Task, name: str) -> Policy:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RlxError(f"{path} is not a save_pretrained model directory (no config.json)")
+    archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        # AutoModelForCausalLM would load the trunk and invent a random LM head without a word
+        raise RlxError(f"{path} is a reward model ({archs[0]}), not a causal LM policy")
     model = AutoModelForCausalLM.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return Policy(model, tokenizer, task, name)
@@ -120,3 +125,42 @@ def build_tiny_gpt(
 def build_model(node: dict[str, Any], task: Task) -> Policy:
     """Instantiate the ``model`` config node (``_target_`` + keyword arguments) for ``task``."""
     return instantiate_checked(node, where="model", task=task)
+
+
+def build_reward_model(node: dict[str, Any], task: Task) -> tuple[Any, Any]:
+    """(sequence-classification model with ``num_labels=1``, tokenizer) for ``algo=rm``.
+
+    From ``model.init_from`` (e.g. the SFT run's ``final/``, seed 003's recipe) or ``model=hf``'s
+    ``name_or_path``: the causal LM's trunk with a fresh scalar head (``AutoModelForSequenceClassification``
+    drops the LM head). Otherwise, for ``model=tiny_gpt``, a GPT-2 reward model of the same size built from
+    a config (`rlx.models.reward_model.build_tiny_reward_model`).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from rlx.models.reward_model import build_tiny_reward_model
+
+    source = node.get("init_from") or node.get("name_or_path")
+    if source:
+        policy = build_model(node, task)  # the same loading path and checks as a policy
+        tokenizer = policy.tokenizer
+        path = str(source)
+        prev = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, pad_token_id=tokenizer.pad_token_id
+            )
+        except (OSError, ValueError) as exc:
+            raise RlxError(f"cannot build a reward model from {path}: {str(exc).splitlines()[0]}") from exc
+        finally:
+            hf_logging.set_verbosity(prev)
+        del policy
+        return model, tokenizer
+    if node.get("name") != "tiny_gpt":
+        raise RlxError(
+            f"algo=rm builds a reward model from model=tiny_gpt, model=hf or model.init_from=DIR; "
+            f"model={node.get('name')} has no sequence-classification form"
+        )
+    policy = build_model(node, task)
+    sizes = {k: int(node[k]) for k in ("n_layer", "n_embd", "n_head", "n_positions") if k in node}
+    return build_tiny_reward_model(policy.tokenizer, **sizes), policy.tokenizer

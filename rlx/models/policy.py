@@ -66,6 +66,7 @@ class Policy:
         self.name = name
         self.eos_id: int | None = tokenizer.eos_token_id
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.chat_template = False  # model=hf turns it on when the tokenizer has one
         self._token_text: dict[int, str] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -85,12 +86,39 @@ class Policy:
         return bool(getattr(self.model, "can_generate", lambda: False)())
 
     # -- text <-> ids --------------------------------------------------------------------------
+    def format_prompts(self, texts: list[str]) -> list[str]:
+        """Prompt texts as the model reads them: through the tokenizer's chat template when the
+        policy was built with ``chat_template`` (model=hf), else unchanged."""
+        if not self.chat_template:
+            return list(texts)
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
+            for t in texts
+        ]
+
+    def prompt_token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Unpadded prompt ids, exactly as `encode` builds them (template and special tokens)."""
+        enc = self.tokenizer(self.format_prompts(texts), add_special_tokens=not self.chat_template)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def completion_token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Unpadded completion ids, no special tokens (the caller appends EOS where it wants one)."""
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
     def encode(self, prompts: list[Any]) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and attention mask ``[N, P]`` on the policy's device."""
-        texts = [self.task.prompt_text(p) for p in prompts]
+        return self.encode_texts([self.task.prompt_text(p) for p in prompts])
+
+    def encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """`encode` for prompt texts (``rlx sample`` and text tasks)."""
+        texts = self.format_prompts(texts)
         can_pad = self.tokenizer.pad_token is not None
         try:
-            enc = self.tokenizer(texts, padding=can_pad, return_tensors="pt")
+            enc = self.tokenizer(
+                texts, padding=can_pad, return_tensors="pt", add_special_tokens=not self.chat_template
+            )
         except ValueError as exc:  # unequal lengths and nothing to pad with (the toy models)
             raise RlxError(
                 f"model {self.name} has no pad token, so its prompts must be equally long"

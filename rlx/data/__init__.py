@@ -1,0 +1,230 @@
+"""Datasets for the offline loop, read through 🤗 ``datasets``.
+
+``data.train`` (and ``data.eval``) is a local ``.jsonl`` / ``.json``, ``.parquet`` or ``.csv`` file, a
+directory written by ``Dataset.save_to_disk``, or a hub dataset name (``databricks/databricks-dolly-15k``,
+read with ``load_dataset(name, split=data.split)``). Column names follow TRL's conventions:
+
+===============  ==========================================================================
+kind             columns (rlx name = default column name; ``data.columns.<name>=...`` remaps)
+===============  ==========================================================================
+``sft``          ``prompt``, ``completion``; Dolly files (``instruction``, ``context``,
+                 ``response``) are recognised (``data.format=dolly``, or ``auto`` when the file has
+                 ``instruction`` and ``response`` but no ``prompt``) and given Dolly's prompt template
+``pairs``        ``prompt``, ``chosen``, ``rejected`` (DPO, IPO, reward models)
+``scored_pairs`` ``prompt``, ``chosen``, ``rejected``, ``score_chosen``, ``score_rejected`` (SPO;
+                 the names of UltraFeedback-binarized, so one pair file serves every algorithm)
+===============  ==========================================================================
+
+Bad input fails with one line that names the file (and the row where there is one): a missing
+column, an empty dataset, a malformed JSON line, a null or non-text value. A pair whose chosen and
+rejected are identical carries no preference: it is counted, skipped, and reported with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlx.errors import RlxError
+
+KINDS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompt",),
+    "sft": ("prompt", "completion"),
+    "pairs": ("prompt", "chosen", "rejected"),
+    "scored_pairs": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+}
+DOLLY_COLUMNS = {"prompt": "instruction", "context": "context", "completion": "response"}
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def dolly_prompt(instruction: str, context: str | None = None) -> str:
+    """Dolly-15k's instruction template (as used to train dolly-v2), with the context when present."""
+    head = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n"
+    )
+    body = f"### Instruction:\n{instruction.strip()}\n\n"
+    if context and context.strip():
+        body += f"Input:\n{context.strip()}\n\n"
+    return head + body + "### Response:\n"
+
+
+@dataclass
+class Example:
+    """One row: a prompt and a completion (SFT) or a chosen/rejected pair (with scores for SPO)."""
+
+    prompt: str
+    completion: str = ""
+    chosen: str = ""
+    rejected: str = ""
+    score_chosen: float = 0.0
+    score_rejected: float = 0.0
+
+
+@dataclass
+class DataReport:
+    """What reading a dataset changed: rows skipped (identical pairs) and where they came from."""
+
+    source: str
+    rows: int = 0
+    skipped_identical: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _looks_local(source: str) -> bool:
+    return (
+        Path(source).suffix.lower() in LOADERS or source.startswith((".", "/", "~")) or Path(source).exists()
+    )
+
+
+def _check_json_lines(path: Path) -> None:
+    """datasets' JSON reader reports a bad line without its number: find it, and name file and line."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RlxError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise RlxError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+
+
+def load_table(source: str, *, split: str = "train", where: str = "data.train") -> Any:
+    """A ``datasets.Dataset`` from a local file, a ``save_to_disk`` directory or a hub name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise RlxError(f"{where}={source}: no such file")
+        if path.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as exc:
+                raise RlxError(f"{where}={source}: not a dataset directory ({exc})") from exc
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        kind = LOADERS.get(path.suffix.lower())
+        if kind is None:
+            raise RlxError(f"{where}={source}: unknown file type; use .jsonl, .json, .parquet or .csv")
+        if path.suffix.lower() == ".jsonl":
+            _check_json_lines(path)
+        if path.stat().st_size == 0:
+            raise RlxError(f"{where}={source}: the file is empty")
+        try:
+            return datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "corresponds to no data" in reason:  # a file with a schema but no rows
+                raise RlxError(f"{where}={source}: the dataset is empty") from exc
+            raise RlxError(f"{where}={source}: cannot be read as {kind}: {reason}") from exc
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RlxError(
+            f"{where}={source}: not a local file, and loading it from the hub failed (offline, or no "
+            f"such dataset?): {reason}"
+        ) from exc
+
+
+def column_map(kind: str, fmt: str, names: list[str], overrides: Mapping[str, Any] | None) -> dict[str, str]:
+    """rlx's column names -> the file's, from the kind's conventions, the format and the overrides."""
+    if kind not in KINDS:
+        raise RlxError(f"data kind {kind!r}; one of {', '.join(KINDS)}")
+    if fmt not in ("auto", "trl", "dolly"):
+        raise RlxError(f"data.format={fmt!r}; one of auto, trl, dolly")
+    if fmt == "dolly" and kind not in ("sft", "prompts"):
+        raise RlxError("data.format=dolly is a demonstration format (algo=sft or task=text)")
+    dolly = fmt == "dolly" or (
+        fmt == "auto"
+        and kind in ("sft", "prompts")
+        and "prompt" not in names
+        and {"instruction", "response"} <= set(names)
+    )
+    mapping = dict(DOLLY_COLUMNS) if dolly else {k: k for k in KINDS[kind]}
+    if kind == "prompts":  # a reference answer is optional for a prompt file
+        if not dolly and "completion" in names:
+            mapping["completion"] = "completion"
+        if mapping.get("completion") not in names:
+            mapping.pop("completion", None)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in mapping and key != "context":
+            valid = ", ".join(sorted({*KINDS[kind], "context"}))
+            raise RlxError(f"data.columns.{key}: unknown column role; valid: {valid}")
+        mapping[key] = str(value)
+    if dolly:
+        mapping["_template"] = "dolly"
+    return mapping
+
+
+def read_examples(
+    source: str,
+    kind: str,
+    *,
+    fmt: str = "auto",
+    columns: Mapping[str, Any] | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    where: str = "data.train",
+) -> tuple[list[Example], DataReport]:
+    """Rows of ``source`` as `Example`s, checked; identical pairs are counted and skipped."""
+    table = load_table(source, split=split, where=where)
+    names = list(table.column_names)
+    mapping = column_map(kind, fmt, names, columns)
+    template = mapping.pop("_template", None)
+    context_col = mapping.pop("context", None)
+    missing = [f"{role} (column {col!r})" for role, col in mapping.items() if col not in names]
+    if missing:
+        raise RlxError(
+            f"{where}={source}: missing {', '.join(missing)}; the file has columns {names}; map them with "
+            f"data.columns.<role>=<column>"
+        )
+    if len(table) == 0:
+        raise RlxError(f"{where}={source}: the dataset is empty")
+    report = DataReport(source=source)
+    out: list[Example] = []
+    for i, row in enumerate(table):
+        if limit is not None and len(out) >= limit:
+            break
+        values: dict[str, Any] = {}
+        for role, col in mapping.items():
+            v = row[col]
+            if role.startswith("score_"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise RlxError(f"{source} row {i + 1}: column {col!r} must be a number, got {v!r}")
+                values[role] = float(v)
+            else:
+                if not isinstance(v, str):
+                    raise RlxError(f"{source} row {i + 1}: column {col!r} must be text, got {v!r}")
+                values[role] = v
+        if not values["prompt"].strip() and template is None:
+            raise RlxError(f"{source} row {i + 1}: column {mapping['prompt']!r} is empty")
+        if template == "dolly":
+            ctx = row.get(context_col) if context_col and context_col in names else None
+            values["prompt"] = dolly_prompt(values["prompt"], ctx if isinstance(ctx, str) else None)
+        elif context_col and context_col in names and isinstance(row.get(context_col), str):
+            if row[context_col].strip():
+                values["prompt"] = f"{values['prompt']}\n\n{row[context_col].strip()}"
+        if kind in ("pairs", "scored_pairs") and values["chosen"] == values["rejected"]:
+            report.skipped_identical += 1
+            continue
+        out.append(Example(**values))
+    report.rows = len(out)
+    if report.skipped_identical:
+        warnings.warn(
+            f"{source}: skipped {report.skipped_identical} pair(s) whose chosen and rejected are identical",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if not out:
+        raise RlxError(f"{where}={source}: no usable rows (every pair had identical chosen and rejected)")
+    return out, report
