@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from rlx.data import Example, read_examples
-from rlx.errors import NonFiniteError, RlxError, require
+from rlx.errors import RlxError, require
 from rlx.evaluate import evaluate
 from rlx.loops import LOOPS, LoopContext
 from rlx.losses.aggregation import token_mean
@@ -466,6 +466,7 @@ class OfflineTrainer:
             "ref": self.ref.model.state_dict() if self.ref is not None else None,
             "ref_logps": self.ref_logps,
             "eval_ref_logps": self.eval_ref_logps,
+            "nonfinite": self.ctx.nonfinite.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -473,6 +474,7 @@ class OfflineTrainer:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self.shuffle_seed = int(state["shuffle_seed"])
+        self.ctx.nonfinite.load_state_dict(state["nonfinite"])
         if self.ref is not None and state.get("ref") is not None:
             self.ref.model.load_state_dict(state["ref"])
         if state.get("ref_logps") is not None:
@@ -619,10 +621,13 @@ class OfflineTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         total = 0.0
+        guard = self.ctx.nonfinite
         for part in _chunks(rows, self.s.micro_batch_size):
             loss, metrics = self.micro_loss(self.data, part, self.ref_logps, norm)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.step}")
+            if not guard.ok(loss, "loss", self.step):  # on_nonfinite=skip: drop this update
+                self.optimizer.zero_grad(set_to_none=True)
+                self.policy.model.eval()
+                return {"nonfinite/skipped": float(guard.skipped)}
             loss.backward()
             total += loss.item()
             for k, v in metrics.items():
@@ -630,8 +635,11 @@ class OfflineTrainer:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.s.grad_clip if self.s.grad_clip else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"non-finite gradient norm at step {self.step}")
+        if not guard.ok(grad_norm, "gradient norm", self.step):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.policy.model.eval()
+            return {"nonfinite/skipped": float(guard.skipped)}
+        guard.update_done()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -641,6 +649,7 @@ class OfflineTrainer:
             **sums,
             "grad_norm": grad_norm,
             "lr": lr,
+            "nonfinite/skipped": float(guard.skipped),
             "data/epoch": self.epoch + self.index / max(self.num_items, 1),
         }
 
@@ -711,5 +720,4 @@ class OfflineTrainer:
                     metrics.update(self.evaluate())
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(self.step, metrics)
-                if self.s.save_every and self.step % self.s.save_every == 0:
-                    self.ctx.save_checkpoint(self)
+                self.ctx.step_done(self)
