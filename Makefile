@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev,lora]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 run: install

@@ -12,6 +12,8 @@ around the whole process (start-up included). Run it on an otherwise idle machin
 Suites:
   sort         rlx train algo=grpo reward=sort         goal: eval/exact >= 0.95 within 300 s
   sort_tokens  rlx train algo=grpo reward=sort_tokens  goal: eval/exact >= 0.99 within 180 s
+  ablation     the sort run with one default undone at a time (entropy bonus, lr, lr floor, model
+               size, group size): what each choice bought
   ppo          rlx train algo=ppo reward=sort|sort_tokens beside algo=grpo: eval/exact on the same
                wall-time budget (300 s / 180 s)
   trpo         rlx train algo=trpo reward=sort: accuracy reached and seconds per iteration
@@ -77,6 +79,24 @@ def cases() -> list[Case]:
         Case("sort", "grpo sort (as shipped)", ["algo=grpo", "reward=sort"], goal=0.95, budget_s=300),
         Case("sort_tokens", "grpo sort_tokens", ["algo=grpo", "reward=sort_tokens"], goal=0.99, budget_s=180),
     ]
+    # What each default bought: the shipped sort run with one choice undone at a time.
+    for name, change in (
+        ("no entropy bonus", ["algo.entropy_coef=0"]),
+        ("lr 1e-3 instead of 3e-4", ["trainer.lr=1e-3"]),
+        ("cosine to 0 (no lr floor)", ["trainer.min_lr_ratio=0"]),
+        ("2-layer GPT-2, n_embd 128", ["model.n_layer=2", "model.n_embd=128"]),
+        ("group size 4, 64 prompts", ["trainer.group_size=4", "trainer.prompts_per_step=64"]),
+    ):
+        out.append(
+            Case(
+                "ablation",
+                f"sort, {name}",
+                ["algo=grpo", "reward=sort", *change],
+                goal=0.95,
+                budget_s=300,
+                reference="against the shipped defaults (suite sort)",
+            )
+        )
     # PPO vs GRPO on the same wall-time budget: compare eval/exact at the budget (time_to_goal and the
     # accuracy-vs-time rows in metrics.jsonl); steps are set so both end near the budget.
     for reward, budget in (("sort", 300), ("sort_tokens", 180)):
@@ -250,7 +270,7 @@ def main() -> None:
     parser.add_argument(
         "--suite",
         default="all",
-        help="sort, sort_tokens, ppo, trpo, baby_rlhf, lecture, rlhf or all (comma-separated)",
+        help="sort, sort_tokens, ablation, ppo, trpo, baby_rlhf, lecture, rlhf or all (comma-separated)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--out", default="outputs/quality", help="where runs and results.json go")
