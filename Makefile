@@ -58,6 +58,7 @@ RLHF := $(BIN)/rlx train experiment=rlhf_sort rlhf.dir=$(RLHF_DIR) $(RLHF_ARGS)
 rlhf-sort: install
 	$(BIN)/rlx data sort --out $(RLHF_DIR)/data
 	$(RLHF) algo=sft
+	$(BIN)/rlx data sort --out $(RLHF_DIR)/data --policy $(RLHF_DIR)/sft/final
 	$(RLHF) algo=rm
 	$(RLHF) $(RLHF_RL)
 	$(RLHF) algo=dpo

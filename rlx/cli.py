@@ -292,6 +292,12 @@ def cmd_data(argv: list[str]) -> None:
     sort.add_argument("--seed", type=int, default=0, help="seed of the draw and of the corruptions")
     sort.add_argument("--task-seed", type=int, default=1234, help="task.seed of the eval set to avoid")
     sort.add_argument("--task-eval-size", type=int, default=500, help="task.eval_size of that eval set")
+    sort.add_argument(
+        "--policy", help="a model directory: take a share of the rejected answers from its samples"
+    )
+    sort.add_argument(
+        "--policy-share", type=float, default=0.5, help="share of pairs with a sampled rejection"
+    )
     ns = parser.parse_args(argv)
     from rlx.data.sort import write_sort_data
 
@@ -304,6 +310,8 @@ def cmd_data(argv: list[str]) -> None:
         seed=ns.seed,
         task_seed=ns.task_seed,
         task_eval_size=ns.task_eval_size,
+        policy=ns.policy,
+        policy_share=ns.policy_share,
     )
     for name, path in paths.items():
         print(f"{name:14s} {path}")

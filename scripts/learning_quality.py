@@ -195,9 +195,12 @@ def run_case(case: Case, seed: int, out: Path) -> Result:
         pipeline = out / case.suite / f"seed{seed}"
         run_dir = pipeline / case.stage
         stage_args = ["experiment=rlhf_sort", f"rlhf.dir={pipeline}"]
+        data = [RLX, "data", "sort", "--out", str(pipeline / "data"), "--seed", str(seed)]
         if case.stage == "sft":
-            data = [RLX, "data", "sort", "--out", str(pipeline / "data"), "--seed", str(seed)]
             subprocess.run(data, check=True, capture_output=True)
+        if case.stage == "rm":  # as make rlhf-sort: half the rejections are the SFT model's mistakes
+            policy = ["--policy", str(pipeline / "sft" / "final")]
+            subprocess.run([*data, *policy], check=True, capture_output=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     eval_every = "10" if case.suite in ("lecture", "baby_rlhf") else "25"

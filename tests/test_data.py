@@ -126,3 +126,25 @@ def test_sort_data_uses_the_task_format_and_avoids_its_eval_set(tmp_path):
     for pair in pairs:
         assert pair["chosen"] != pair["rejected"] and pair["score_chosen"] == 1.0
         assert 0.0 <= pair["score_rejected"] < 1.0
+
+
+def test_sort_pairs_can_take_rejections_from_a_models_samples(tmp_path):
+    from rlx.models import build_tiny_gpt
+
+    task = SortTask(eval_size=16)
+    build_tiny_gpt(task, n_layer=1, n_embd=32, n_head=2).save(tmp_path / "model")
+    before = write_sort_data(tmp_path / "a", train=12, heldout=4, task_eval_size=16)
+    after = write_sort_data(
+        tmp_path / "b",
+        train=12,
+        heldout=4,
+        task_eval_size=16,
+        policy=str(tmp_path / "model"),
+        policy_share=1.0,
+    )
+    assert before["sft_train"].read_text() == after["sft_train"].read_text()  # SFT files unchanged
+    pairs = [json.loads(x) for x in after["pairs_train"].read_text().splitlines()]
+    old = [json.loads(x) for x in before["pairs_train"].read_text().splitlines()]
+    assert all(p["rejected"] != p["chosen"] for p in pairs)
+    assert sum(p["rejected"] != o["rejected"] for p, o in zip(pairs, old)) >= 6  # an untrained model errs
+    assert all(0.0 <= p["score_rejected"] < 1.0 for p in pairs)

@@ -14,6 +14,11 @@ that only checks sortedness is what RL on it exploits first). Short answers matt
 for RL on a learned reward model: a policy can stop early (EOS), and a reward model that never saw a
 short answer scores it at random, which RL then exploits. Scores are the sort reward normalised to
 [0, 1] (the share of the n positions that match the sorted answer), so the chosen answer scores 1.
+
+With ``policy`` (a model directory, e.g. the SFT run's ``final/``), a share of the rejected answers are
+instead the model's own wrong answers, sampled at temperature 1 (InstructGPT collects its comparisons
+on the SFT model's samples): the reward model then learns on the mistakes the RL policy actually
+makes. The SFT files do not change (they depend on the prompts only).
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ def write_sort_data(
     seed: int = 0,
     task_seed: int = 1234,
     task_eval_size: int = 500,
+    policy: str | None = None,
+    policy_share: float = 0.5,
+    policy_samples: int = 8,
 ) -> dict[str, Path]:
     """Write ``sft_{train,heldout}.jsonl`` and ``pairs_{train,heldout}.jsonl`` under ``out``."""
     if train < 1 or heldout < 1:
@@ -99,6 +107,9 @@ def write_sort_data(
             continue
         seen.add(p)
         prompts.append(list(p))
+    if not 0.0 <= policy_share <= 1.0:
+        raise RlxError(f"--policy-share must be in [0, 1], got {policy_share}")
+    sampled = _policy_mistakes(policy, task, prompts, policy_share, policy_samples, seed) if policy else {}
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, part in (("train", prompts[:train]), ("heldout", prompts[train:])):
@@ -107,13 +118,16 @@ def write_sort_data(
             target = sorted(p)
             sft.append({"prompt": _text(p), "completion": _text(target)})
             bad = corrupt(target, p, vocab, rng)
+            mistake = sampled.get(tuple(p))
+            if mistake is not None:
+                bad = mistake
             pairs.append(
                 {
                     "prompt": _text(p),
                     "chosen": _text(target),
-                    "rejected": _text(bad),
+                    "rejected": bad if isinstance(bad, str) else _text(bad),
                     "score_chosen": 1.0,
-                    "score_rejected": score(bad, target),
+                    "score_rejected": score(_numbers(bad), target),
                 }
             )
         for name, rows in (("sft", sft), ("pairs", pairs)):
@@ -121,3 +135,38 @@ def write_sort_data(
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             paths[f"{name}_{split}"] = path
     return paths
+
+
+def _numbers(answer: list[int] | str) -> list[int | None]:
+    if isinstance(answer, list):
+        return list(answer)
+    return [int(t) if t.isdigit() else None for t in answer.split()]
+
+
+def _policy_mistakes(
+    path: str, task: SortTask, prompts: list[list[int]], share: float, samples: int, seed: int
+) -> dict[tuple[int, ...], str]:
+    """For ``share`` of the prompts, one wrong answer sampled from the model at ``path`` (as text)."""
+    import torch
+
+    from rlx.models import Sampling, load_pretrained
+
+    policy = load_pretrained(path, task, "policy")
+    policy.model.eval()
+    rng = np.random.default_rng([seed, 0x5A3])
+    chosen = [p for p in prompts if rng.random() < share]
+    torch.manual_seed(seed)
+    out: dict[tuple[int, ...], str] = {}
+    for start in range(0, len(chosen), 256):
+        part = chosen[start : start + 256]
+        rep = [p for p in part for _ in range(samples)]
+        ids, mask = policy.encode(rep)
+        tokens, comp_mask, _ = policy.generate(ids, mask, Sampling(max_new_tokens=task.length))
+        answers = policy.decode(tokens, comp_mask)
+        texts = policy.decode_text(tokens, comp_mask)
+        for i, p in enumerate(part):
+            for j in range(i * samples, (i + 1) * samples):
+                if list(answers[j]) != sorted(p) and texts[j].strip() != _text(sorted(p)):
+                    out[tuple(p)] = texts[j].strip()
+                    break
+    return out
