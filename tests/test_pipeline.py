@@ -1,7 +1,6 @@
 """The sort RLHF pipeline (experiment=rlhf_sort) end to end at toy size, each stage reading the last.
 
-The RL stage here is GRPO with reward=sort: reward=model and algo=ppo come with issue 3, and the
-pipeline's PPO-on-RM stage (`make rlhf-sort`) is wired to them.
+The RL stages: PPO and GRPO on the trained reward model (reward=model), with KL to the SFT model.
 """
 
 from __future__ import annotations
@@ -44,16 +43,18 @@ def test_rlhf_sort_pipeline_end_to_end(tmp_path, capsys):
     assert cfg.model.init_from == f"{root}/sft/final" and cfg.data.train == f"{root}/data/pairs_train.jsonl"
     dpo = train(cfg, run_dir=root / "dpo")
     assert "eval/rewards/accuracy" in dpo and "eval/exact" in dpo
-    # the RL stage: GRPO from the SFT model with KL to it (reward=sort on this branch)
-    cfg = compose_cfg(
-        [*stage, "algo=grpo", "trainer.steps=2", "trainer.prompts_per_step=4", "trainer.group_size=4"]
-    )
-    assert cfg.kl.name == "k3" and cfg.kl.ref_refresh == 0 and cfg.kl.coef > 0
-    train(cfg, run_dir=root / "grpo")
-    first = json.loads((root / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["kl/ref"] < 1e-5  # the reference is the SFT model the policy starts from
+    # the RL stages: PPO and GRPO from the SFT model, scored by the reward model, with KL to the SFT model
+    on_rm = ["reward=model", f"reward.path={root}/rm/final"]
+    small = ["trainer.steps=2", "trainer.prompts_per_step=4", "trainer.group_size=4"]
+    for algo in ("grpo", "ppo"):
+        cfg = compose_cfg([*stage, f"algo={algo}", *on_rm, *small])
+        assert cfg.kl.ref_refresh == 0 and cfg.kl.coef > 0 and cfg.model.init_from == f"{root}/sft/final"
+        train(cfg, run_dir=root / algo)
+        first = json.loads((root / algo / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["kl/ref"] < 1e-5  # the reference is the SFT model the policy starts from
+        assert "reward/mean" in first
     # rlx eval reads each stage's directory
-    for run in ("sft", "dpo", "grpo"):
+    for run in ("sft", "dpo", "grpo", "ppo"):
         main(["eval", str(root / run), "--json", "--device", "cpu"])
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert 0.0 <= out["eval/exact"] <= 1.0
