@@ -114,9 +114,9 @@ def cases() -> list[Case]:
         Case(
             "trpo",
             "trpo sort",
-            ["algo=trpo", "reward=sort", "trainer.steps=300"],
+            ["algo=trpo", "reward=sort", "trainer.steps=100"],
             goal=0.95,
-            budget_s=600,
+            budget_s=300,
             reference="time per iteration: time/update_s + time/rollout_s in metrics.jsonl",
         )
     )
