@@ -126,3 +126,30 @@ def test_gae_and_value_loss_are_finite_and_ignore_masked_positions(b, gamma, lam
         clip_range=0.2,
     )
     assert torch.equal(loss * mask, loss2 * mask)
+
+
+@SETTINGS
+@given(b=batches(), beta=st.floats(0.01, 10.0), eps=st.floats(0.0, 0.49))
+def test_preference_losses_are_finite_and_sft_ignores_masked_positions(b, beta, eps):
+    from rlx.losses.preference import PREFERENCE_LOSSES
+
+    mask = b["mask"]
+    seq = [(x * mask).sum(-1) for x in (b["logp"], b["old"], b["other"], b["logp"].flip(0))]
+    scores = {"score_chosen": b["outcome"], "score_rejected": b["outcome"].flip(0)}
+    kwargs = {"dpo": {"beta": beta, "label_smoothing": eps}, "ipo": {"beta": beta}, "spo": {"beta": beta}}
+    for name in PREFERENCE_LOSSES.names():
+        entry = PREFERENCE_LOSSES.get(name)
+        inputs = entry.meta.get("inputs")
+        if inputs == "pair_logp":
+            extra = scores if name == "spo" else {}
+            loss, metrics = entry.fn(*seq, **kwargs.get(name, {}), **extra)
+        elif inputs == "pair_reward":
+            loss, metrics = entry.fn(seq[0] / 10, seq[1] / 10, margin=eps)
+        else:
+            loss, metrics = entry.fn(b["logp"], mask)
+            moved, _ = entry.fn(scramble(b["logp"], b["other"], mask), mask)
+            assert torch.equal(loss * mask, moved * mask) and torch.equal(
+                loss * (1 - mask), moved * (1 - mask)
+            )
+        assert torch.isfinite(loss).all(), name
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values()), name
