@@ -20,10 +20,10 @@ checkpoint loads with ``torch.load(weights_only=True)``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -36,6 +36,18 @@ if TYPE_CHECKING:
     from rlx.train import Plan
 
 LOOPS = Registry("training loop", ["rlx.loops"])
+
+Rows = TypeVar("Rows", bound=Sequence[Any] | torch.Tensor)
+
+
+def chunks(rows: Rows, size: int | None) -> Iterator[Rows]:
+    """Micro-batches of ``rows`` (row indices, a tensor or a list): at most ``size`` each, all at once
+    when ``size`` is None."""
+    if not size or size >= len(rows):
+        yield rows
+        return
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]  # type: ignore[misc]
 
 
 class SavesItself(Protocol):

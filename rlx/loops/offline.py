@@ -40,6 +40,7 @@ from rlx.data import Example, read_examples
 from rlx.errors import RlxError, require
 from rlx.evaluate import evaluate
 from rlx.loops import LOOPS, LoopContext
+from rlx.loops import chunks as _chunks
 from rlx.losses.aggregation import token_mean
 from rlx.losses.preference import PREFERENCE_LOSSES
 from rlx.masked import masked_sum
@@ -390,14 +391,6 @@ class OfflineProgress(LiveProgress):
         "eval/pair_accuracy": "eval_acc",
         "eval/rewards/accuracy": "eval_acc",
     }
-
-
-def _chunks(rows: list[int], size: int | None) -> Iterator[list[int]]:
-    if not size or size >= len(rows):
-        yield rows
-        return
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
 
 
 class OfflineTrainer:

@@ -22,7 +22,7 @@ import copy
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from rlx.errors import require
 from rlx.evaluate import evaluate
 from rlx.kl import KL_ESTIMATORS
 from rlx.loops import LOOPS, LoopContext
+from rlx.loops import chunks as _chunks
 from rlx.losses.aggregation import AGGREGATIONS
 from rlx.losses.entropy import token_entropy
 from rlx.losses.policy import POLICY_LOSSES
@@ -202,14 +203,6 @@ def build_online(ctx: LoopContext) -> OnlineTrainer:
     policy = ctx.build_policy()
     optimizer, scheduler = ctx.make_optimizer(policy.parameters(), s.steps * s.epochs * s.minibatches)
     return OnlineTrainer(ctx=ctx, policy=policy, optimizer=optimizer, scheduler=scheduler)
-
-
-def _chunks(idx: Tensor, size: int | None) -> Iterator[Tensor]:
-    if not size or size >= len(idx):
-        yield idx
-        return
-    for start in range(0, len(idx), size):
-        yield idx[start : start + size]
 
 
 class OnlineTrainer:

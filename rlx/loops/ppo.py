@@ -40,7 +40,8 @@ from rlx.advantages import gae
 from rlx.errors import RlxError, require
 from rlx.kl import KLController
 from rlx.loops import LOOPS, LoopContext
-from rlx.loops.online import OnlinePlan, OnlineTrainer, _chunks, plan_online
+from rlx.loops import chunks as _chunks
+from rlx.loops.online import OnlinePlan, OnlineTrainer, plan_online
 from rlx.losses.aggregation import token_mean
 from rlx.losses.entropy import token_entropy
 from rlx.losses.value import clipped_value_loss, explained_variance

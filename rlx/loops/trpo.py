@@ -31,7 +31,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from rlx.errors import require
 from rlx.loops import LOOPS, LoopContext
-from rlx.loops.online import OnlinePlan, OnlineTrainer, _chunks, _kl_shaped_rewards, plan_online
+from rlx.loops import chunks as _chunks
+from rlx.loops.online import OnlinePlan, OnlineTrainer, _kl_shaped_rewards, plan_online
 from rlx.losses.entropy import token_entropy
 from rlx.losses.policy import importance_sampled_loss
 from rlx.masked import masked_mean, masked_sum

@@ -55,3 +55,21 @@ class Task(Protocol):
     def parse_completion(self, tokens: list[str]) -> Any: ...
 
     def is_correct(self, prompt: Any, completion: Any, **columns: Any) -> bool: ...
+
+
+class NumberText:
+    """Text codec of the number tasks (sort, tokens): prompts are space-separated numbers 0..vocab-1,
+    completion tokens spell one number each."""
+
+    vocab: int
+
+    def prompt_text(self, prompt: list[int]) -> str:
+        return " ".join(str(x) for x in prompt)
+
+    def parse_completion(self, tokens: list[str]) -> list[int | None]:
+        """One entry per completion token: the integer it spells, or None (EOS, specials, junk)."""
+        out: list[int | None] = []
+        for tok in tokens:
+            t = tok.strip()
+            out.append(int(t) if t.isdigit() and int(t) < self.vocab else None)
+        return out

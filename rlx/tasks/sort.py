@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from rlx.errors import RlxError
-from rlx.tasks import PromptBatch
+from rlx.tasks import NumberText, PromptBatch
 
 _EVAL_STREAM = 0x5EED_E7A1  # separates the evaluation draw from every training step's draw
 
 
-class SortTask:
+class SortTask(NumberText):
     """Sort ``length`` integers drawn uniformly (with repeats) from ``0..vocab-1``."""
 
     name = "sort"
@@ -98,17 +98,6 @@ class SortTask:
     def eval_batch(self) -> PromptBatch:
         return self._batch([list(p) for p in self._eval])
 
-    # -- text and tokens -----------------------------------------------------------------------
-    def prompt_text(self, prompt: list[int]) -> str:
-        return " ".join(str(x) for x in prompt)
-
-    def parse_completion(self, tokens: list[str]) -> list[int | None]:
-        """One entry per completion token: the integer it spells, or None (EOS, specials, junk)."""
-        out: list[int | None] = []
-        for tok in tokens:
-            t = tok.strip()
-            out.append(int(t) if t.isdigit() and int(t) < self.vocab else None)
-        return out
-
+    # -- correctness ---------------------------------------------------------------------------
     def is_correct(self, prompt: list[int], completion: list[Any], **_: Any) -> bool:
         return list(completion) == sorted(prompt)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from rlx.errors import RlxError
-from rlx.tasks import PromptBatch
+from rlx.tasks import NumberText, PromptBatch
 
 
-class TokensTask:
+class TokensTask(NumberText):
     """Prompt ``[start]``; completions are ``length`` tokens from ``0..vocab-1``."""
 
     name = "tokens"
@@ -42,16 +42,6 @@ class TokensTask:
 
     def eval_batch(self) -> PromptBatch:
         return self._batch(1)
-
-    def prompt_text(self, prompt: list[int]) -> str:
-        return " ".join(str(x) for x in prompt)
-
-    def parse_completion(self, tokens: list[str]) -> list[int | None]:
-        out: list[int | None] = []
-        for tok in tokens:
-            t = tok.strip()
-            out.append(int(t) if t.isdigit() and int(t) < self.vocab else None)
-        return out
 
     def is_correct(self, prompt: list[int], completion: list[Any], **columns: Any) -> bool:
         """Every generated token is ``task.target`` (keep it equal to ``reward.target``)."""
