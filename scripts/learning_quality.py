@@ -23,8 +23,7 @@ Suites:
   rlhf         the experiment=rlhf_sort pipeline, stage by stage in one directory per seed
                (rlx data sort, then SFT -> RM -> PPO-on-RM / GRPO-on-RM, and DPO from the same SFT):
                held-out exact-sort accuracy after each stage (goal: the RL and DPO stages beat the
-               SFT row) and the reward model's held-out pair accuracy (goal >= 0.95). The PPO and
-               reward=model stages need issue 3's algo=ppo and reward=model.
+               SFT row) and the reward model's held-out pair accuracy (goal >= 0.95).
 Results: a markdown table on stdout and ``<out>/results.json``.
 """
 
