@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from rlx.errors import RlxError
 from rlx.models.policy import Policy, Sampling, token_logp
 from rlx.models.tiny_policy import TinyPolicyConfig, TinyPolicyModel
-from rlx.models.tokenizer import build_number_tokenizer
+from rlx.models.tokenizer import build_number_tokenizer, tiny_gpt2_config
 from rlx.models.toy_sort import ToySortConfig, ToySortModel
 from rlx.registry import instantiate_checked
 from rlx.tasks import Task
@@ -106,19 +106,7 @@ def build_tiny_gpt(
     needed = length + 2 + task.max_new_tokens
     if needed > n_positions:
         raise RlxError(f"model.n_positions={n_positions} is too small for {needed} tokens")
-    cfg = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    cfg = tiny_gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions)
     return Policy(GPT2LMHeadModel(cfg), tokenizer, task, "tiny_gpt")
 
 

@@ -22,11 +22,11 @@ from torch import Tensor
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    GPT2Config,
     GPT2ForSequenceClassification,
 )
 
 from rlx.errors import RlxError
+from rlx.models.tokenizer import tiny_gpt2_config
 
 
 def encode_for_reward(
@@ -72,19 +72,8 @@ def build_tiny_reward_model(
     tokenizer: Any, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 64
 ) -> GPT2ForSequenceClassification:
     """A GPT-2 reward model built from a config (random init, dropout off) for ``tokenizer``."""
-    cfg = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        num_labels=1,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    cfg = tiny_gpt2_config(
+        tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, num_labels=1
     )
     return GPT2ForSequenceClassification(cfg)
 

@@ -8,6 +8,8 @@ back exactly the tokenizer training used. With ``specials`` (for GPT-style model
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -33,4 +35,26 @@ def build_number_tokenizer(vocab: int, *, specials: bool = True) -> PreTrainedTo
         eos_token="<eos>",
         sep_token="<sep>",
         padding_side="left",
+    )
+
+
+def tiny_gpt2_config(
+    tokenizer: Any, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, **extra: Any
+) -> Any:
+    """A GPT-2 config sized for ``tokenizer`` with dropout off (RL and reward models: no dropout)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
