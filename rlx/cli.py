@@ -296,7 +296,14 @@ def cmd_data(argv: list[str]) -> None:
         "--policy", help="a model directory: take a share of the rejected answers from its samples"
     )
     sort.add_argument(
-        "--policy-share", type=float, default=0.5, help="share of pairs with a sampled rejection"
+        "--policy-share", type=float, default=0.5, help="share of prompts with sampled wrong answers"
+    )
+    sort.add_argument(
+        "--candidates",
+        type=int,
+        default=4,
+        help="answers per prompt (the sorted one + K-1 wrong ones); every pair with different scores "
+        "becomes a preference pair, so K > 2 also ranks wrong answers against each other",
     )
     ns = parser.parse_args(argv)
     from rlx.data.sort import write_sort_data
@@ -312,6 +319,7 @@ def cmd_data(argv: list[str]) -> None:
         task_eval_size=ns.task_eval_size,
         policy=ns.policy,
         policy_share=ns.policy_share,
+        candidates=ns.candidates,
     )
     for name, path in paths.items():
         print(f"{name:14s} {path}")

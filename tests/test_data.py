@@ -117,15 +117,45 @@ def test_sort_data_uses_the_task_format_and_avoids_its_eval_set(tmp_path):
     sft = [json.loads(x) for x in paths["sft_train"].read_text().splitlines()]
     held = [json.loads(x) for x in paths["sft_heldout"].read_text().splitlines()]
     pairs = [json.loads(x) for x in paths["pairs_train"].read_text().splitlines()]
-    assert len(sft) == len(pairs) == 300 and len(held) == 50
+    assert len(sft) == 300 and len(held) == 50
     for row in sft[:20]:
         prompt = [int(x) for x in row["prompt"].split()]
         assert row["completion"] == task.prompt_text(sorted(prompt))
     train_prompts = {r["prompt"] for r in sft}
     assert not train_prompts & eval_texts and not {r["prompt"] for r in held} & (eval_texts | train_prompts)
+    by_prompt: dict[str, list[dict]] = {}
     for pair in pairs:
-        assert pair["chosen"] != pair["rejected"] and pair["score_chosen"] == 1.0
-        assert 0.0 <= pair["score_rejected"] < 1.0
+        by_prompt.setdefault(pair["prompt"], []).append(pair)
+    assert set(by_prompt) == train_prompts
+    for prompt, rows in by_prompt.items():
+        # 4 candidates (sorted + 3 distinct wrong): every pair with different scores, the better one chosen
+        assert 3 <= len(rows) <= 6
+        target = task.prompt_text(sorted(int(x) for x in prompt.split()))
+        answers = {r["chosen"] for r in rows} | {r["rejected"] for r in rows}
+        assert target in answers and len(answers) == 4
+        assert sum(r["chosen"] == target for r in rows) == 3  # the sorted answer beats every wrong one
+        for r in rows:
+            assert r["chosen"] != r["rejected"] and 0.0 <= r["score_rejected"] < r["score_chosen"] <= 1.0
+            assert (r["score_chosen"] == 1.0) == (r["chosen"] == target)
+
+
+def test_sort_pairs_with_two_candidates_are_sorted_vs_wrong(tmp_path):
+    paths = write_sort_data(tmp_path, train=40, heldout=10, task_eval_size=16, candidates=2)
+    pairs = [json.loads(x) for x in paths["pairs_train"].read_text().splitlines()]
+    assert len(pairs) == 40 and len({p["prompt"] for p in pairs}) == 40
+    assert all(p["score_chosen"] == 1.0 and p["score_rejected"] < 1.0 for p in pairs)
+    with pytest.raises(RlxError, match="--candidates must be >= 2"):
+        write_sort_data(tmp_path / "x", train=4, heldout=1, task_eval_size=16, candidates=1)
+
+
+def test_sort_score_is_the_share_of_matching_positions():
+    from rlx.data.sort import score
+
+    assert score([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
+    assert score([0, 1, 3, 2], [0, 1, 2, 3]) == 0.5
+    assert score([0, 1], [0, 1, 2, 3]) == 0.5  # cut short
+    assert score([0, 1, 2, 3, 4], [0, 1, 2, 3]) == 0.8  # extra numbers never score 1
+    assert score([None, 1, 2, 3], [0, 1, 2, 3]) == 0.75
 
 
 def test_sort_pairs_can_take_rejections_from_a_models_samples(tmp_path):
@@ -146,5 +176,8 @@ def test_sort_pairs_can_take_rejections_from_a_models_samples(tmp_path):
     pairs = [json.loads(x) for x in after["pairs_train"].read_text().splitlines()]
     old = [json.loads(x) for x in before["pairs_train"].read_text().splitlines()]
     assert all(p["rejected"] != p["chosen"] for p in pairs)
-    assert sum(p["rejected"] != o["rejected"] for p, o in zip(pairs, old)) >= 6  # an untrained model errs
-    assert all(0.0 <= p["score_rejected"] < 1.0 for p in pairs)
+    # an untrained model errs: its samples replace corruptions among the rejected answers
+    assert {p["rejected"] for p in pairs} != {o["rejected"] for o in old}
+    new_wrong = {(p["prompt"], p["rejected"]) for p in pairs} - {(o["prompt"], o["rejected"]) for o in old}
+    assert len({prompt for prompt, _ in new_wrong}) >= 6
+    assert all(0.0 <= p["score_rejected"] < p["score_chosen"] for p in pairs)

@@ -91,6 +91,7 @@ def test_sft_and_dpo_on_an_hf_model(tiny_gpt2, tmp_path):
 
 def test_lora_trains_adapters_and_saves_merged_weights(tiny_gpt2, tmp_path):
     import peft  # noqa: F401  (the lora extra: `make install` installs it, so this test always runs)
+
     cfg = compose_cfg(
         [
             "algo=sft",

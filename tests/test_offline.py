@@ -24,7 +24,9 @@ OFFLINE = [*TINY_GPT, "task.eval_size=16", "logger=none", "trainer.steps=2", "al
 
 @pytest.fixture(scope="module")
 def sort_data(tmp_path_factory) -> dict[str, Path]:
-    return write_sort_data(tmp_path_factory.mktemp("data"), train=48, heldout=16, task_eval_size=16)
+    # one pair per prompt (sorted vs wrong), so pair files have 48 rows like the SFT files
+    out = tmp_path_factory.mktemp("data")
+    return write_sort_data(out, train=48, heldout=16, task_eval_size=16, candidates=2)
 
 
 def data_args(sort_data, kind: str) -> list[str]:
