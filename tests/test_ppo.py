@@ -38,7 +38,8 @@ def rows(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("layout", ["head", "separate"])
 def test_ppo_trains_with_each_critic_layout(layout, tmp_path):
-    train(compose_cfg(["algo=ppo", f"algo.critic={layout}", *TINY, "logger=none"]), run_dir=tmp_path)
+    cfg = compose_cfg(["algo=ppo", f"algo.critic={layout}", *TINY, "algo.epochs=2", "logger=none"])
+    train(cfg, run_dir=tmp_path)
     logged = [r for r in rows(tmp_path) if "reward/mean" in r]
     assert len(logged) == 2 and PPO_METRICS <= set(logged[0])
     assert logged[0]["early_stop"] == 2.0  # epochs done, no early stop configured
