@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import GPT2Config, PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>")
 
@@ -40,10 +40,8 @@ def build_number_tokenizer(vocab: int, *, specials: bool = True) -> PreTrainedTo
 
 def tiny_gpt2_config(
     tokenizer: Any, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, **extra: Any
-) -> Any:
+) -> GPT2Config:
     """A GPT-2 config sized for ``tokenizer`` with dropout off (RL and reward models: no dropout)."""
-    from transformers import GPT2Config
-
     return GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
