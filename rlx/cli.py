@@ -280,8 +280,9 @@ def cmd_data(argv: list[str]) -> None:
     sort = sub.add_parser(
         "sort",
         help="sort-task SFT demonstrations and preference pairs (train and held-out JSONL)",
-        description="SFT demonstrations (prompt -> sorted list) and scored preference pairs (sorted vs "
-        "a corrupted ordering) in the sort task's own text format. Prompts avoid the task's held-out "
+        description="SFT demonstrations (prompt -> sorted list) and scored preference pairs (every pair "
+        "of --candidates answers with different scores: the sorted one and corrupted ones) in the sort "
+        "task's own text format. Prompts avoid the task's held-out "
         "eval set (same --length/--vocab/--task-seed/--task-eval-size as task=sort).",
     )
     sort.add_argument("--out", required=True, help="output directory")
