@@ -97,7 +97,7 @@ def cases() -> list[Case]:
             )
         )
     # PPO vs GRPO on the same wall-time budget: compare eval/exact at the budget (time_to_goal and the
-    # accuracy-vs-time rows in metrics.jsonl); both as shipped (grpo 1200 iterations, ppo 900).
+    # accuracy-vs-time rows in metrics.jsonl); both as shipped (grpo 1200 iterations, ppo 600).
     for reward, budget in (("sort", 300), ("sort_tokens", 180)):
         out.append(Case("ppo", f"ppo {reward}", ["algo=ppo", f"reward={reward}"], goal=0.95, budget_s=budget))
         out.append(

@@ -22,8 +22,11 @@ Where rlx departs from the papers:
 - The KL early stop checks approx KL(pi_old || pi) (k3 on the minibatch) *before* the minibatch's
   optimizer step and skips that step, as Stable-Baselines3 does; ``early_stop`` logs the epochs done
   (optimizer steps / minibatches, so 1.5 = stopped half-way through the second epoch).
-- Advantages are whitened over the whole batch (``algo.whiten_advantages``, on by default as in
-  TRL/OpenAI's lm-human-preferences); rewards are not whitened.
+- Whitening the advantages over the whole batch (``algo.whiten_advantages``) is an option, off in
+  rlx's preset: TRL and OpenAI's lm-human-preferences whiten by default, but with bounded task
+  rewards it rescales the last few errors to unit variance and kept PPO oscillating on the sort task
+  (README, "PPO against GRPO"). ``experiment=rlhf_sort`` whitens (a reward model has no fixed scale).
+  Rewards are never whitened.
 """
 
 from __future__ import annotations
