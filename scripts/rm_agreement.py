@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import torch
 
-from rlx.data.sort import _numbers, score
+from rlx.data.sort import score
 from rlx.models import Sampling, load_pretrained
 from rlx.rewards.model import reward_model_score
 from rlx.tasks.sort import SortTask
@@ -53,7 +53,9 @@ def main() -> None:
         )
     ).reshape(-1, ns.n)
     right = np.array([list(a) == sorted(p) for a, p in zip(answers, rep)]).reshape(-1, ns.n)
-    true = np.array([score(_numbers(t.strip()), sorted(p)) for t, p in zip(texts, rep)]).reshape(-1, ns.n)
+    # the true score of the text the reward model read (as `rlx data sort` scores its pairs)
+    true = np.array([score(task.parse_completion(t.split()), sorted(p)) for t, p in zip(texts, rep)])
+    true = true.reshape(-1, ns.n)
     agree = total = 0
     for s_row, t_row in zip(rm, true):
         for a in range(ns.n):
