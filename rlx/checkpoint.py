@@ -170,3 +170,17 @@ def _tied(model: torch.nn.Module, key: str) -> bool:
         return False
     ptr = params[key].data_ptr()
     return any(k != key and p.data_ptr() == ptr for k, p in params.items())
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A run directory's final model (or newest checkpoint), or a model directory itself."""
+    if not path.exists():
+        raise RlxError(f"{path} does not exist")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / "final" / CONFIG_NAME).is_file():
+        return path / "final"
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if checkpoints:
+        return checkpoints[-1]
+    raise RlxError(f"{path} is neither an rlx run directory nor a checkpoint (no {CONFIG_NAME} found)")

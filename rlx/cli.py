@@ -9,7 +9,7 @@ rlx sync RUN_DIR             upload a run's metrics and artifacts to MLflow (aft
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import os
 import sys
 from importlib import resources
@@ -227,136 +227,8 @@ def cmd_train(args: list[str]) -> None:
     _hydra_main()()
 
 
-# --------------------------------------------------------------------------------------------------
-# rlx eval
-# --------------------------------------------------------------------------------------------------
-def cmd_eval(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rlx eval", description="Held-out reward and exact accuracy of a run or checkpoint."
-    )
-    parser.add_argument("path", help="a run directory (uses its final/ model) or a checkpoint directory")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--show", type=int, default=5, help="print N example completions")
-    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
-    ns = parser.parse_args(argv)
-    from rlx.evaluate import run_eval
-
-    run_eval(ns)
-
-
-# --------------------------------------------------------------------------------------------------
-# rlx sync
-# --------------------------------------------------------------------------------------------------
-def cmd_sync(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rlx sync",
-        description="Upload a run directory's metrics and artifacts to MLflow, skipping what is there.",
-    )
-    parser.add_argument("run_dirs", nargs="+", help="run directories (with metrics.jsonl and config.yaml)")
-    parser.add_argument("--tracking-uri", default=None, help="default: the run's own (tracking.json)")
-    ns = parser.parse_args(argv)
-    from rlx.sync import sync_run
-
-    for run_dir in ns.run_dirs:
-        out = sync_run(Path(run_dir), ns.tracking_uri)
-        what = ", ".join(out["artifacts_added"]) or "no artifacts"
-        new = " (new MLflow run)" if out["created_run"] else ""
-        print(
-            f"{run_dir}: run {out['run_id']}{new} at {out['tracking_uri']}: "
-            f"{out['metrics_added']} metric values and {what} added"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# rlx data
-# --------------------------------------------------------------------------------------------------
-def cmd_data(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rlx data", description="Write datasets for the offline algorithms."
-    )
-    sub = parser.add_subparsers(dest="what", required=True)
-    sort = sub.add_parser(
-        "sort",
-        help="sort-task SFT demonstrations and preference pairs (train and held-out JSONL)",
-        description="SFT demonstrations (prompt -> sorted list) and scored preference pairs (every pair "
-        "of --candidates answers with different scores: the sorted one and corrupted ones) in the sort "
-        "task's own text format. Prompts avoid the task's held-out "
-        "eval set (same --length/--vocab/--task-seed/--task-eval-size as task=sort).",
-    )
-    sort.add_argument("--out", required=True, help="output directory")
-    sort.add_argument("--length", type=int, default=4, help="numbers per prompt (task.length)")
-    sort.add_argument("--vocab", type=int, default=10, help="numbers are 0..vocab-1 (task.vocab)")
-    sort.add_argument("--train", type=int, default=4000, help="training prompts")
-    sort.add_argument("--heldout", type=int, default=500, help="held-out prompts")
-    sort.add_argument("--seed", type=int, default=0, help="seed of the draw and of the corruptions")
-    sort.add_argument("--task-seed", type=int, default=1234, help="task.seed of the eval set to avoid")
-    sort.add_argument("--task-eval-size", type=int, default=500, help="task.eval_size of that eval set")
-    sort.add_argument(
-        "--policy", help="a model directory: take a share of the rejected answers from its samples"
-    )
-    sort.add_argument(
-        "--policy-share", type=float, default=0.5, help="share of prompts with sampled wrong answers"
-    )
-    sort.add_argument(
-        "--candidates",
-        type=int,
-        default=4,
-        help="answers per prompt (the sorted one + K-1 wrong ones); every pair with different scores "
-        "becomes a preference pair, so K > 2 also ranks wrong answers against each other",
-    )
-    ns = parser.parse_args(argv)
-    from rlx.data.sort import write_sort_data
-
-    paths = write_sort_data(
-        Path(ns.out),
-        length=ns.length,
-        vocab=ns.vocab,
-        train=ns.train,
-        heldout=ns.heldout,
-        seed=ns.seed,
-        task_seed=ns.task_seed,
-        task_eval_size=ns.task_eval_size,
-        policy=ns.policy,
-        policy_share=ns.policy_share,
-        candidates=ns.candidates,
-    )
-    for name, path in paths.items():
-        print(f"{name:14s} {path}")
-
-
-# --------------------------------------------------------------------------------------------------
-# rlx sample
-# --------------------------------------------------------------------------------------------------
-def cmd_sample(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rlx sample",
-        description="A checkpoint's answers to given prompts, side by side with its base model's "
-        "(the model the run started from: model.init_from / model.name_or_path, or --base).",
-    )
-    parser.add_argument("path", help="a run directory (its final/ model) or a checkpoint directory")
-    parser.add_argument("-p", "--prompt", action="append", default=[], help="a prompt text (repeatable)")
-    parser.add_argument("--file", help="a text file with one prompt per line")
-    parser.add_argument("--base", help="the model to compare with (default: the run's starting model)")
-    parser.add_argument("--no-base", action="store_true", help="show the checkpoint's answers only")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--json", action="store_true", help="print one JSON line per prompt")
-    ns = parser.parse_args(argv)
-    from rlx.sample import run_sample
-
-    run_sample(ns)
-
-
-COMMANDS = {
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "data": cmd_data,
-    "sample": cmd_sample,
-    "sync": cmd_sync,
-}
+# Every command but train lives in rlx.commands.<name> (imported only when it runs).
+COMMANDS = ("train", "eval", "data", "sample", "sync")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {cmd!r}; choose from: {', '.join(COMMANDS)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        COMMANDS[cmd](rest)
+        if cmd == "train":
+            cmd_train(rest)
+        else:
+            importlib.import_module(f"rlx.commands.{cmd}").main(rest)
     except RlxError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlx.errors import RlxError
 from rlx.models import Policy, Sampling
 from rlx.registry import Resolved
-from rlx.rewards import REWARDS, score_completions
+from rlx.rewards import score_completions
 from rlx.tasks import Task
 
 
@@ -67,62 +63,3 @@ def evaluate(
     if max_reward:
         metrics["eval/reward_norm"] = sum(r["reward"] / max(r["max_reward"], 1e-12) for r in rows) / n
     return metrics, rows
-
-
-def resolve_model_dir(path: Path) -> Path:
-    """A run directory's final model (or newest checkpoint), or a model directory itself."""
-    from rlx.checkpoint import CONFIG_NAME, list_checkpoints
-
-    if not path.exists():
-        raise RlxError(f"{path} does not exist")
-    if (path / CONFIG_NAME).is_file():
-        return path
-    if (path / "final" / CONFIG_NAME).is_file():
-        return path / "final"
-    checkpoints = list_checkpoints(path / "checkpoints")
-    if checkpoints:
-        return checkpoints[-1]
-    raise RlxError(f"{path} is neither an rlx run directory nor a checkpoint (no {CONFIG_NAME} found)")
-
-
-def run_eval(ns: argparse.Namespace) -> dict[str, float]:
-    """``rlx eval``: rebuild the task and reward from the checkpoint's config and evaluate."""
-    from omegaconf import OmegaConf
-
-    from rlx.checkpoint import CONFIG_NAME
-    from rlx.models import load_pretrained
-    from rlx.tracking import console, summary_table
-    from rlx.train import plan, resolve_device
-
-    model_dir = resolve_model_dir(Path(ns.path))
-    cfg = OmegaConf.load(model_dir / CONFIG_NAME)
-    cfg.trainer.device = ns.device
-    p = plan(cfg)  # re-checks the run's config (and its task) on this machine
-    reward = REWARDS.resolve(p.cfg["reward"], where="reward")
-    rollout = p.cfg["rollout"]
-    sampling = Sampling(
-        temperature=float(rollout["temperature"]),
-        top_k=int(rollout["top_k"]),
-        top_p=float(rollout["top_p"]),
-        max_new_tokens=rollout["max_new_tokens"],
-    )
-    policy = load_pretrained(model_dir, p.task, str(cfg.model.get("name", "model")))
-    policy.model.to(resolve_device(ns.device)).eval()
-    metrics, rows = evaluate(
-        policy,
-        p.task,
-        reward,
-        sampling,
-        greedy=not ns.sample,
-        batch_size=int(p.cfg["eval"]["batch_size"]),
-        limit=ns.limit,
-    )
-    if ns.json:
-        print(json.dumps({"model_dir": str(model_dir), **metrics}))
-        return metrics
-    table = summary_table(f"rlx eval {model_dir}", {**metrics, "prompts": len(rows)})
-    console.print(table)
-    for row in rows[: ns.show]:
-        mark = "✓" if row["exact"] else "✗"
-        console.print(f"  {mark} {row['prompt']} -> {row['completion']}  reward={row['reward']:g}")
-    return metrics

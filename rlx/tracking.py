@@ -32,12 +32,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from rlx.runtime import dist_rank
+
 console = Console(stderr=True)
-
-
-def dist_rank() -> tuple[int, int]:
-    """(rank, world size) from the torchrun environment; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

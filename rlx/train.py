@@ -8,7 +8,6 @@ and always ends its MLflow run.
 
 from __future__ import annotations
 
-import random
 import signal
 import threading
 import time
@@ -17,19 +16,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType, get_scheduler
 
 from rlx.checkpoint import load_model_weights, save_checkpoint, save_model_dir, set_rng_state
 from rlx.errors import NonFiniteError, RlxError, StopRequested, require
-from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Trainer
+from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Plan, Trainer
 from rlx.models import Policy, build_model
 from rlx.registry import check_type, instantiate_checked
 from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
+from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.tasks import Task
-from rlx.tracking import Tracker, console, dist_rank, flatten, summary_table
+from rlx.tracking import Tracker, console, flatten, summary_table
 
 # Types of the settings every loop shares; each loop checks its own (`algo.*` and the pieces).
 SETTING_TYPES: dict[str, dict[str, Any]] = {
@@ -58,37 +57,6 @@ SETTING_TYPES: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class Plan:
-    """A checked config: the task, the loop and its settings, the device."""
-
-    cfg: dict[str, Any]
-    task: Task
-    loop: str
-    settings: Any
-    device: torch.device
-
-
-def resolve_device(name: str) -> torch.device:
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            raise RlxError(
-                f"trainer.device={name} but no CUDA device is available (torch {torch.__version__}, "
-                f"{build}); use trainer.device=cpu or auto"
-            )
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RlxError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    raise RlxError(f"trainer.device={name!r} is not one of auto, cpu, cuda, cuda:N")
-
-
 def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     """Check the whole config and bind the pluggable pieces; no model is built."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -113,12 +81,6 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     loop = str(c["algo"].get("loop") or "online")
     entry = LOOPS.get(loop)
     return Plan(cfg=c, task=task, loop=entry.name, settings=entry.meta["plan"](c, task), device=device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _hydra_job() -> tuple[Path, Path, str]:

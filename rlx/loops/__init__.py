@@ -32,10 +32,23 @@ from rlx.registry import Registry
 
 if TYPE_CHECKING:
     from rlx.models import Policy
+    from rlx.tasks import Task
     from rlx.tracking import Tracker
-    from rlx.train import Plan
 
 LOOPS = Registry("training loop", ["rlx.loops"])
+
+
+@dataclass
+class Plan:
+    """A checked config: the task, the loop and its settings (what the loop's plan function
+    returned), the device."""
+
+    cfg: dict[str, Any]
+    task: Task
+    loop: str
+    settings: Any
+    device: torch.device
+
 
 Rows = TypeVar("Rows", bound=Sequence[Any] | torch.Tensor)
 

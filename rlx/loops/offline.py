@@ -48,8 +48,9 @@ from rlx.models import Policy, Sampling, token_logp
 from rlx.models.reward_model import encode_for_reward, reward_scores
 from rlx.registry import Resolved, check_type
 from rlx.rewards import REWARDS
+from rlx.runtime import dist_rank
 from rlx.tasks import Task
-from rlx.tracking import LiveProgress, Tracker, console, dist_rank
+from rlx.tracking import LiveProgress, Tracker, console
 
 # what each loss family reads from the data
 DATA_KIND = {"token_logp": "sft", "pair_logp": "pairs", "pair_reward": "pairs"}

@@ -44,8 +44,9 @@ from rlx.models import Policy, Sampling, token_logp
 from rlx.registry import Resolved, check_type
 from rlx.rewards import REWARDS, load_callable, score_completions
 from rlx.rollout import Rollout, sample_groups
+from rlx.runtime import dist_rank
 from rlx.tasks import Task
-from rlx.tracking import LiveProgress, Tracker, dist_rank
+from rlx.tracking import LiveProgress, Tracker
 
 
 @dataclass

@@ -21,12 +21,11 @@ import torch
 from rlx.errors import RlxError
 from rlx.models.reward_model import encode_for_reward, load_reward_model, reward_scores
 from rlx.rewards import REWARDS
+from rlx.runtime import resolve_device
 
 
 @lru_cache(maxsize=4)
 def _loaded(path: str, device: str) -> tuple[Any, Any]:
-    from rlx.train import resolve_device
-
     model, tokenizer = load_reward_model(path)
     model.to(resolve_device(device)).eval().requires_grad_(False)
     return model, tokenizer

@@ -16,6 +16,25 @@ from rlx.errors import RlxError
 from rlx.models import Policy, Sampling
 
 
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rlx sample",
+        description="A checkpoint's answers to given prompts, side by side with its base model's "
+        "(the model the run started from: model.init_from / model.name_or_path, or --base).",
+    )
+    parser.add_argument("path", help="a run directory (its final/ model) or a checkpoint directory")
+    parser.add_argument("-p", "--prompt", action="append", default=[], help="a prompt text (repeatable)")
+    parser.add_argument("--file", help="a text file with one prompt per line")
+    parser.add_argument("--base", help="the model to compare with (default: the run's starting model)")
+    parser.add_argument("--no-base", action="store_true", help="show the checkpoint's answers only")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per prompt")
+    ns = parser.parse_args(argv)
+    run_sample(ns)
+
+
 def _answers(policy: Policy, prompts: list[str], sampling: Sampling, greedy: bool) -> list[str]:
     ids, mask = policy.encode_texts(prompts)
     tokens, comp_mask, _ = policy.generate(ids, mask, sampling, greedy=greedy)
@@ -41,12 +60,11 @@ def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
     from omegaconf import OmegaConf
     from rich.table import Table
 
-    from rlx.checkpoint import CONFIG_NAME
-    from rlx.evaluate import resolve_model_dir
+    from rlx.checkpoint import CONFIG_NAME, resolve_model_dir
     from rlx.models import build_model
     from rlx.registry import instantiate_checked
+    from rlx.runtime import resolve_device, seed_everything
     from rlx.tracking import console
-    from rlx.train import resolve_device, seed_everything
 
     prompts = list(ns.prompt)
     if ns.file:

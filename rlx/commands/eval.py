@@ -1,0 +1,67 @@
+"""``rlx eval RUN_DIR|CHECKPOINT``: held-out reward and exact-answer accuracy of a run's model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rlx eval", description="Held-out reward and exact accuracy of a run or checkpoint."
+    )
+    parser.add_argument("path", help="a run directory (uses its final/ model) or a checkpoint directory")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--show", type=int, default=5, help="print N example completions")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    ns = parser.parse_args(argv)
+    run_eval(ns)
+
+
+def run_eval(ns: argparse.Namespace) -> dict[str, float]:
+    """``rlx eval``: rebuild the task and reward from the checkpoint's config and evaluate."""
+    from omegaconf import OmegaConf
+
+    from rlx.checkpoint import CONFIG_NAME, resolve_model_dir
+    from rlx.evaluate import evaluate
+    from rlx.models import Sampling, load_pretrained
+    from rlx.rewards import REWARDS
+    from rlx.runtime import resolve_device
+    from rlx.tracking import console, summary_table
+    from rlx.train import plan
+
+    model_dir = resolve_model_dir(Path(ns.path))
+    cfg = OmegaConf.load(model_dir / CONFIG_NAME)
+    cfg.trainer.device = ns.device
+    p = plan(cfg)  # re-checks the run's config (and its task) on this machine
+    reward = REWARDS.resolve(p.cfg["reward"], where="reward")
+    rollout = p.cfg["rollout"]
+    sampling = Sampling(
+        temperature=float(rollout["temperature"]),
+        top_k=int(rollout["top_k"]),
+        top_p=float(rollout["top_p"]),
+        max_new_tokens=rollout["max_new_tokens"],
+    )
+    policy = load_pretrained(model_dir, p.task, str(cfg.model.get("name", "model")))
+    policy.model.to(resolve_device(ns.device)).eval()
+    metrics, rows = evaluate(
+        policy,
+        p.task,
+        reward,
+        sampling,
+        greedy=not ns.sample,
+        batch_size=int(p.cfg["eval"]["batch_size"]),
+        limit=ns.limit,
+    )
+    if ns.json:
+        print(json.dumps({"model_dir": str(model_dir), **metrics}))
+        return metrics
+    table = summary_table(f"rlx eval {model_dir}", {**metrics, "prompts": len(rows)})
+    console.print(table)
+    for row in rows[: ns.show]:
+        mark = "✓" if row["exact"] else "✗"
+        console.print(f"  {mark} {row['prompt']} -> {row['completion']}  reward={row['reward']:g}")
+    return metrics
