@@ -16,71 +16,44 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import SchedulerType, get_scheduler
 
 from rlx.checkpoint import load_model_weights, save_checkpoint, save_model_dir, set_rng_state
-from rlx.errors import NonFiniteError, RlxError, StopRequested, require
-from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Plan, Trainer
+from rlx.errors import NonFiniteError, RlxError, StopRequested
+from rlx.loops import (
+    LOOPS,
+    EvalSettings,
+    LoopContext,
+    NonFiniteGuard,
+    Plan,
+    RolloutSettings,
+    Trainer,
+    TrainerSettings,
+)
+from rlx.loops.optim import make_optimizer
 from rlx.models import Policy, build_model
-from rlx.registry import check_type, instantiate_checked
+from rlx.registry import instantiate_checked
 from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
 from rlx.runtime import dist_rank, resolve_device, seed_everything
+from rlx.settings import read_settings
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, flatten, summary_table
-
-# Types of the settings every loop shares; each loop checks its own (`algo.*` and the pieces).
-SETTING_TYPES: dict[str, dict[str, Any]] = {
-    "trainer": {
-        "device": str,
-        "seed": int,
-        "steps": int,
-        "prompts_per_step": int,
-        "group_size": int,
-        "lr": float,
-        "lr_schedule": str,
-        "warmup_ratio": float,
-        "min_lr_ratio": float,
-        "grad_clip": float | None,
-        "micro_batch_size": int | None,
-        "eval_every": int,
-        "save_every": int,
-        "keep_checkpoints": int,
-        "samples_every": int,
-        "resume": str | None,
-        "on_nonfinite": str,
-        "max_nonfinite": int,
-    },
-    "rollout": {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int | None},
-    "eval": {"greedy": bool, "batch_size": int},
-}
 
 
 def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     """Check the whole config and bind the pluggable pieces; no model is built."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     assert isinstance(c, dict)
-    for section, types_ in SETTING_TYPES.items():
-        for key, kind in types_.items():
-            if key in c.get(section, {}):
-                check_type(f"{section}.{key}", c[section][key], kind)
-    t = c["trainer"]
-    device = resolve_device(t["device"])
-    require(t["steps"] >= 0, f"trainer.steps must be >= 0, got {t['steps']}")
-    require(t["lr"] > 0, f"trainer.lr must be positive, got {t['lr']}")
-    require(0 <= t["warmup_ratio"] < 1, f"trainer.warmup_ratio must be in [0, 1), got {t['warmup_ratio']}")
-    require(0 <= t["min_lr_ratio"] <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
-    schedules = [s.value for s in SchedulerType]
-    require(t["lr_schedule"] in schedules, f"trainer.lr_schedule={t['lr_schedule']!r}; one of {schedules}")
-    require(t["grad_clip"] is None or t["grad_clip"] > 0, "trainer.grad_clip must be positive or null")
-    require(t["keep_checkpoints"] >= 0, "trainer.keep_checkpoints must be >= 0")
-    require(t["save_every"] >= 0, f"trainer.save_every must be >= 0, got {t['save_every']}")
-    NonFiniteGuard(str(t["on_nonfinite"]), int(t["max_nonfinite"]))  # checks both values
+    trainer = read_settings(TrainerSettings, c.get("trainer"), where="trainer")
+    rollout = read_settings(RolloutSettings, c.get("rollout"), where="rollout")
+    evaluation = read_settings(EvalSettings, c.get("eval"), where="eval")
+    device = resolve_device(trainer.device)
     task: Task = instantiate_checked(c["task"], where="task")
     loop = str(c["algo"].get("loop") or "online")
     entry = LOOPS.get(loop)
-    return Plan(cfg=c, task=task, loop=entry.name, settings=entry.meta["plan"](c, task), device=device)
+    p = Plan(c, task, trainer, rollout, evaluation, entry.name, None, device)
+    p.settings = entry.meta["plan"](p)
+    return p
 
 
 def _hydra_job() -> tuple[Path, Path, str]:
@@ -101,26 +74,6 @@ def _build_policy(p: Plan) -> Policy:
         policy.model.to(p.device)
         policy.model.eval()  # no dropout in RL; gradients still flow
     return policy
-
-
-def make_optimizer(
-    c: dict[str, Any], params: Any, total_updates: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The configured optimizer (``optimizer._target_``) and transformers' LR schedule."""
-    t = c["trainer"]
-    optimizer = instantiate_checked(c["optimizer"], where="optimizer", params=list(params), lr=float(t["lr"]))
-    total_updates = max(int(total_updates), 1)
-    schedule, extra = str(t["lr_schedule"]), {}
-    if schedule == "cosine" and t["min_lr_ratio"] > 0:  # cosine decay to a floor
-        schedule, extra = "cosine_with_min_lr", {"min_lr_rate": float(t["min_lr_ratio"])}
-    scheduler = get_scheduler(
-        schedule,
-        optimizer,
-        num_warmup_steps=int(t["warmup_ratio"] * total_updates),
-        num_training_steps=total_updates,
-        scheduler_specific_kwargs=extra,
-    )
-    return optimizer, scheduler
 
 
 def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: Trainer) -> Path:

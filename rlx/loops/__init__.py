@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
-from rlx.errors import NonFiniteError, RlxError, StopRequested
+from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.registry import Registry
 
 if TYPE_CHECKING:
-    from rlx.models import Policy
+    from rlx.models import Policy, Sampling
     from rlx.tasks import Task
     from rlx.tracking import Tracker
 
@@ -39,15 +39,107 @@ LOOPS = Registry("training loop", ["rlx.loops"])
 
 
 @dataclass
+class TrainerSettings:
+    """``trainer.*``: what every loop shares (defaults in conf/train.yaml)."""
+
+    device: str
+    seed: int
+    steps: int
+    prompts_per_step: int
+    group_size: int
+    lr: float
+    lr_schedule: str
+    warmup_ratio: float
+    min_lr_ratio: float
+    grad_clip: float | None
+    micro_batch_size: int | None
+    eval_every: int
+    save_every: int
+    keep_checkpoints: int
+    samples_every: int
+    resume: str | None
+    on_nonfinite: str
+    max_nonfinite: int
+
+    def check(self) -> None:
+        from transformers import SchedulerType
+
+        require(self.steps >= 0, f"trainer.steps must be >= 0, got {self.steps}")
+        require(
+            self.prompts_per_step >= 1, f"trainer.prompts_per_step must be >= 1, got {self.prompts_per_step}"
+        )
+        require(self.group_size >= 1, f"trainer.group_size must be >= 1, got {self.group_size}")
+        require(
+            self.lr > 0 and math.isfinite(self.lr), f"trainer.lr must be positive and finite, got {self.lr}"
+        )
+        require(
+            0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+        )
+        require(
+            0 <= self.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        schedules = [s.value for s in SchedulerType]
+        require(
+            self.lr_schedule in schedules, f"trainer.lr_schedule={self.lr_schedule!r}; one of {schedules}"
+        )
+        require(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip must be positive or null")
+        mbs = self.micro_batch_size
+        require(mbs is None or mbs >= 1, f"trainer.micro_batch_size must be >= 1 or null, got {mbs}")
+        require(self.eval_every >= 0, f"trainer.eval_every must be >= 0, got {self.eval_every}")
+        require(self.save_every >= 0, f"trainer.save_every must be >= 0, got {self.save_every}")
+        require(self.keep_checkpoints >= 0, "trainer.keep_checkpoints must be >= 0")
+        require(self.samples_every >= 0, f"trainer.samples_every must be >= 0, got {self.samples_every}")
+        NonFiniteGuard(self.on_nonfinite, self.max_nonfinite)  # checks both values
+
+
+@dataclass
+class RolloutSettings:
+    """``rollout.*``: how completions are sampled (defaults in conf/train.yaml)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int | None
+
+    def check(self) -> None:
+        require(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
+        require(self.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+        require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        n = self.max_new_tokens
+        require(n is None or n >= 1, f"rollout.max_new_tokens must be >= 1 or null (the task's), got {n}")
+
+
+@dataclass
+class EvalSettings:
+    """``eval.*``: held-out evaluation (defaults in conf/train.yaml)."""
+
+    greedy: bool
+    batch_size: int
+
+    def check(self) -> None:
+        require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class Plan:
-    """A checked config: the task, the loop and its settings (what the loop's plan function
-    returned), the device."""
+    """A checked config: the task, the shared settings, the loop and its own settings (what the
+    loop's plan function returned), the device."""
 
     cfg: dict[str, Any]
     task: Task
+    trainer: TrainerSettings
+    rollout: RolloutSettings
+    eval: EvalSettings
     loop: str
     settings: Any
     device: torch.device
+
+    def sampling(self) -> Sampling:
+        """The sampling settings, with the task's answer length when rollout.max_new_tokens is null."""
+        from rlx.models import Sampling
+
+        r = self.rollout
+        return Sampling(r.temperature, r.top_k, r.top_p, r.max_new_tokens or self.task.max_new_tokens)
 
 
 Rows = TypeVar("Rows", bound=Sequence[Any] | torch.Tensor)
