@@ -9,8 +9,13 @@ Interface: ``estimator(rewards, group_size, mask, *, hparams) -> advantages [N, 
   formula position by position, over the completions of the group that have a real token there.
 - The result is zero on masked positions and carries no gradient.
 
-`gae` (PPO's critic-based estimator) needs values and returns; it is called by the PPO loop (its
-settings are `algo.gamma` and `algo.lam`), not chosen through `adv_norm`.
+An estimator registered with ``token_rewards=True`` (``gae``, ``reinforce_pp``) is given the per-token
+rewards ``[N, T]`` that `token_rewards` builds (the outcome reward on the last real token, a process
+reward on its tokens, minus beta x KL on every token when the KL is in the reward); the others get one
+number per completion for an outcome reward (the sum of its token rewards) and the per-token rewards
+for a process reward. ``needs=("values",)`` (``gae``) makes the loop pass the critic's sampling-time
+values as ``values=``: such an estimator needs ``algo.critic=head|separate``, and with a critic the
+returns the value loss regresses on are R_t = A_t + V_t.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import Tensor
 
 from rlx.errors import RlxError
-from rlx.masked import masked_mean, masked_var
+from rlx.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlx.registry import Registry
 
 ADVANTAGES = Registry("advantage estimator", ["rlx.advantages"])
@@ -132,17 +137,46 @@ def frac_zero_std_groups(sequence_rewards: Tensor, group_size: int) -> float:
     return (groups.amax(1) == groups.amin(1)).float().mean().item()
 
 
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016): ``(advantages, returns)``, ``[N, T]``.
+def token_rewards(
+    rewards: Tensor, mask: Tensor, kl_tokens: Tensor | None = None, beta: float = 0.0
+) -> Tensor:
+    """The one reward-shaping step: ``[N, T]`` per-token rewards, 0 on padding.
+
+    An outcome reward ``[N]`` sits on each completion's last real token (Ziegler et al. 2019), a
+    process reward ``[N, T]`` stays on its tokens; with the KL in the reward, r_t <- r_t - beta * kl_t on
+    every real token (``kl_tokens`` already masked). Summed over a completion this is r_i - beta * sum_t
+    kl_t, the sequence return that group estimators see (as TRL's RLOO folds the KL).
+    """
+    if rewards.dim() == 2:
+        out = rewards * mask
+    else:
+        out = torch.zeros_like(mask, dtype=torch.float32)
+        last = (mask.sum(-1).long() - 1).clamp(min=0)
+        out[torch.arange(len(rewards), device=mask.device), last] = rewards.float()
+    if kl_tokens is not None and beta:
+        out = out - beta * kl_tokens
+    return out
+
+
+def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """One number per completion: the outcome reward, or the sum of a process reward's tokens."""
+    return rewards if rewards.dim() == 1 else masked_sum(rewards, mask, dim=-1)
+
+
+@ADVANTAGES.register("gae", token_rewards=True, needs=("values",))
+def generalized_advantage_estimate(
+    rewards: Tensor, group_size: int, mask: Tensor, *, values: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016), ``[N, T]``.
 
     delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 after the last real token;
-    A_t = sum_l (gamma * lambda)^l delta_{t+l}, computed backwards; R_t = A_t + V_t (the critic's
-    regression target). ``rewards`` are per token (PPO puts the outcome reward on the last real token
-    and the KL penalty on every token); both results are zero on masked positions and detached.
-    With gamma = lambda = 1, A_t = (sum of the rewards from t on) - V_t (Monte Carlo).
+    A_t = sum_l (gamma * lambda)^l delta_{t+l}, computed backwards. ``rewards`` are per token (the outcome
+    reward on the last real token, the KL penalty on every token); the loop regresses the critic on
+    R_t = A_t + V_t. With gamma = lambda = 1, A_t = (sum of the rewards from t on) - V_t (Monte Carlo).
+    Groups play no part (``group_size`` is unused). Zero on masked positions, detached.
     """
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise RlxError(f"adv_norm=gae: gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
     rewards, values, mask = rewards.detach().float(), values.detach().float(), mask.float()
     n, t_max = rewards.shape
     advantages = torch.zeros_like(rewards)
@@ -154,5 +188,24 @@ def gae(
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         last = (delta + gamma * lam * next_mask * last) * mask[:, t]
         advantages[:, t] = last
-    returns = (advantages + values) * mask
-    return advantages, returns
+    return advantages
+
+
+@ADVANTAGES.register("reinforce_pp", token_rewards=True)
+def reinforce_pp_advantage(rewards: Tensor, group_size: int, mask: Tensor, *, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ (Hu 2025): A_t = sum_{s >= t} gamma^(s-t) r_s, whitened over the whole batch.
+
+    ``rewards`` are per token: the outcome reward on the last real token and -beta * KL_s on every
+    token (KL in the reward, as the paper's r(x, y) - beta * sum_{i >= t} KL(i)); the returns are then
+    normalised with the batch's masked mean and std (no critic, no group baseline). As OpenRLHF's
+    ``reinforce`` estimator; ``group_size`` is unused.
+    """
+    if not 0 <= gamma <= 1:
+        raise RlxError(f"adv_norm=reinforce_pp: gamma must be in [0, 1], got {gamma}")
+    rewards, mask = rewards.detach().float(), mask.float()
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return masked_whiten(returns, mask).detach()

@@ -70,7 +70,8 @@ def config_groups() -> dict[str, list[str]]:
     root = resources.files(CONF_PACKAGE)
     groups: dict[str, list[str]] = {}
     for entry in root.iterdir():
-        if entry.is_dir() and entry.name not in ("hydra", "__pycache__"):
+        # `loop` is chosen by the algo presets (online or offline defaults), not on its own
+        if entry.is_dir() and entry.name not in ("hydra", "loop", "__pycache__"):
             groups[entry.name] = sorted(f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml"))
     return groups
 
@@ -110,8 +111,14 @@ def _split_args(args: list[str]) -> tuple[list[str], bool, bool]:
 
 def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     """Turn a Hydra composition error into one line that names the culprit and the choices."""
+    from rlx.settings import renamed_key_message
+
     text = str(exc)
     groups = config_groups()
+    for ov in overrides:
+        renamed = renamed_key_message(ov.partition("=")[0])
+        if renamed:
+            return renamed
     for ov in overrides:
         key, _, value = ov.lstrip("+~").partition("=")
         if key in groups and value and value not in groups[key] and "," not in value:

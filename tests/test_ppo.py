@@ -61,7 +61,7 @@ def test_tiny_policy_carries_a_value_head(tmp_path):
 
 def test_kl_early_stop_skips_the_remaining_epochs(tmp_path):
     cfg = compose_cfg(
-        ["algo=ppo", *TINY, "algo.epochs=3", "algo.minibatches=2", "algo.target_kl=1e-9", "logger=none"]
+        ["algo=ppo", *TINY, "algo.epochs=3", "algo.minibatches=2", "algo.early_stop_kl=1e-9", "logger=none"]
     )
     session = build(cfg, run_dir=tmp_path)
     metrics = session.trainer.iteration()
@@ -72,7 +72,7 @@ def test_kl_early_stop_skips_the_remaining_epochs(tmp_path):
 
 
 def test_adaptive_kl_coefficient_moves(tmp_path):
-    adaptive = ["algo.kl_target=1e-6", "algo.kl_horizon=100"]
+    adaptive = ["kl.adaptive_target=1e-6", "kl.adaptive_horizon=100"]
     cfg = compose_cfg(["algo=ppo", "kl=k3", *TINY, "trainer.steps=3", *adaptive, "logger=none"])
     train(cfg, run_dir=tmp_path)
     logged = [r for r in rows(tmp_path) if "kl/coef" in r]
@@ -84,7 +84,7 @@ def test_adaptive_kl_coefficient_moves(tmp_path):
 
 
 def test_ppo_state_round_trips(tmp_path):
-    cfg = compose_cfg(["algo=ppo", "algo.critic=separate", "algo.kl_target=1.0", *TINY, "logger=none"])
+    cfg = compose_cfg(["algo=ppo", "algo.critic=separate", "kl.adaptive_target=1.0", *TINY, "logger=none"])
     a = build(cfg, run_dir=tmp_path / "a")
     a.trainer.iteration()
     a.trainer.step = 1
@@ -109,7 +109,7 @@ def test_ppo_state_round_trips(tmp_path):
 
 
 def test_ppo_bad_input_fails_before_training(tmp_path):
-    with pytest.raises(RlxError, match="adv_norm must be none"):
+    with pytest.raises(RlxError, match=r"adv_norm=gae\); got adv_norm=group_std"):
         plan(compose_cfg(["algo=ppo", *TINY, "adv_norm=group_std"]))
     with pytest.raises(RlxError, match=r"kl\.placement=reward"):
         plan(compose_cfg(["algo=ppo", *TINY, "kl.placement=loss"]))

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlx.advantages import gae
+from rlx.advantages import generalized_advantage_estimate
+
+
+def gae(rewards, values, mask, **hp):
+    """GAE's advantages and the returns the critic regresses on, R = A + V (masked), as the loop forms them."""
+    adv = generalized_advantage_estimate(rewards, 1, mask, values=values, **hp)
+    return adv, (adv + values.detach().float()) * mask
 from rlx.kl import KLController
 from rlx.losses.value import clipped_value_loss, explained_variance
 

@@ -84,7 +84,7 @@ def _group_yaml(group: str) -> dict[str, dict]:
         ("reward", REWARDS, set()),
         ("adv_norm", ADVANTAGES, set()),
         ("loss", POLICY_LOSSES, set()),
-        ("kl", KL_ESTIMATORS, {"coef", "placement", "ref_refresh"}),
+        ("kl", KL_ESTIMATORS, {"coef", "placement", "ref_refresh", "adaptive_target", "adaptive_horizon"}),
     ],
 )
 def test_every_yaml_names_a_registered_function_and_vice_versa(group, registry, loop_keys):
@@ -99,8 +99,8 @@ def test_every_yaml_names_a_registered_function_and_vice_versa(group, registry, 
     assert set(registry.names()) <= set(configs), f"{group}: registered but no YAML"
 
 
-def test_every_aggregation_is_documented_in_the_root_config():
-    text = (resources.files("rlx.conf") / "train.yaml").read_text()
+def test_every_aggregation_is_documented_in_the_online_loops_config():
+    text = (resources.files("rlx.conf") / "loop" / "online.yaml").read_text()
     for name in AGGREGATIONS.names():
         assert name in text
 

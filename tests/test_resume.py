@@ -270,7 +270,7 @@ ALGOS = {
     "dapo": ["algo=dapo"],
     "rloo_kl_in_reward": ["algo=rloo", "kl=k1", "kl.coef=0.05", "kl.placement=reward", "kl.ref_refresh=2"],
     "ppo_head": ["algo=ppo", "algo.critic=head", "algo.epochs=2", "algo.minibatches=2"],
-    "ppo_separate_adaptive_kl": ["algo=ppo", "algo.critic=separate", "algo.kl_target=0.5"],
+    "ppo_separate_adaptive_kl": ["algo=ppo", "algo.critic=separate", "kl.adaptive_target=0.5"],
     "trpo": ["algo=trpo"],
     # offline: data position (epoch, index, shuffle seed), the reference, dropout's RNG in SFT/RM
     "sft": ["algo=sft", "algo.batch_size=4", "data.train=tests/data/sort_sft_tiny.jsonl"],

@@ -152,7 +152,8 @@ def test_dynamic_sampling_replaces_groups_without_spread(tmp_path):
     # sort_exact on an untrained model is almost always 0: nearly every group has zero spread
     cfg = compose_cfg([*TINY, "algo=dapo", "reward=sort_exact", "algo.max_resample_rounds=2", "logger=none"])
     session = build(cfg, run_dir=tmp_path)
-    ro, rewards, metrics = session.trainer.collect()
+    batch = session.trainer.collect()
+    ro, rewards, metrics = batch.rollout, batch.rewards, batch.metrics
     assert metrics["dynamic/rounds"] == 2  # it kept looking
     groups = rewards.view(-1, 4)
     assert (groups.amax(1) != groups.amin(1)).all() or metrics["dynamic/kept_groups"] == 0
@@ -163,7 +164,8 @@ def test_dynamic_sampling_replaces_groups_without_spread(tmp_path):
 def test_dynamic_sampling_keeps_a_full_batch_when_groups_have_spread(tmp_path):
     cfg = compose_cfg([*TINY, "algo=dapo", "reward=sort", "trainer.group_size=8", "logger=none"])
     session = build(cfg, run_dir=tmp_path)
-    ro, rewards, metrics = session.trainer.collect()
+    batch = session.trainer.collect()
+    ro, rewards, metrics = batch.rollout, batch.rewards, batch.metrics
     assert metrics["dynamic/kept_groups"] == 4 == ro.num_groups
     groups = rewards.view(-1, 8)
     assert (groups.amax(1) != groups.amin(1)).all()

@@ -1,19 +1,29 @@
-"""The online loop: REINFORCE, RLOO, GRPO, Dr. GRPO and DAPO are presets of this one loop.
+"""The online loop: REINFORCE, RLOO, GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, PPO and TRPO are presets
+of this one batch path.
 
     for iteration:
-        refresh pi_ref every `ref_refresh` iterations if asked (the lecture), else keep the initial one
-        sample G completions per prompt with pi_old = the current policy; record old_logp
-        score -> rewards; (KL in the reward) shape them; advantages per group
-        for epoch in 1..epochs:                 # no new sampling inside this loop
-            for minibatch (split into micro-batches for memory):
-                logp, entropy under the current policy
-                loss = aggregate(policy loss) + beta * aggregate(KL) (in the loss) - c_ent * aggregate(H)
-                backward (accumulate), clip grad norm, optimizer step
-        log metrics; evaluate every `eval_every`; checkpoint every `save_every`
+        refresh pi_ref every `kl.ref_refresh` iterations if asked (the lecture), else keep the initial one
+        batch = collect()          sample G completions per prompt with pi_old, record old_logp, score;
+                                   DAPO's dynamic sampling refills groups whose rewards are all equal
+        reference(batch)           ref_logp, when a KL term is on
+        critic_values(batch)       V_old, when algo.critic is head | separate
+        shape(batch)               token rewards: outcome on the last real token or process per token,
+                                   minus beta * KL when the KL is in the reward (`token_rewards`)
+        estimate(batch)            advantages from the registry (adv_norm; gae needs the values),
+                                   returns = A + V with a critic, optional whitening
+        UPDATES[algo.update]       sgd: epochs x minibatches x micro-batches; trpo: CG + line search
+        adapt beta                 fixed, or Ziegler et al.'s controller (kl.adaptive_target)
+        log; evaluate every `eval_every`; checkpoint every `save_every`
 
-Gradient accumulation gives the update of the unsplit minibatch: every micro-batch's loss is
-normalised by the minibatch's token and sequence counts (`rlx.losses.aggregation`). The model stays
-in eval mode (no dropout) throughout, so old and new log-probs of the same tokens agree.
+Nothing here branches on an algorithm's name: a preset chooses the estimator, the loss, the KL
+placement, the critic and the update rule. The model stays in eval mode (no dropout) throughout, so
+old and new log-probs of the same tokens agree.
+
+Where rlx departs from the papers (see each function's docstring too): PPO's KL early stop checks
+approx KL(pi_old || pi) before the minibatch's step and skips it (Stable-Baselines3); whitening the
+advantages (``algo.whiten_advantages``) is optional for every estimator and off in the ppo preset
+(with bounded task rewards it kept PPO oscillating: README, "PPO against GRPO"); rewards are never
+whitened.
 """
 
 from __future__ import annotations
@@ -21,421 +31,303 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlx.advantages import ADVANTAGES, frac_zero_std_groups
-from rlx.errors import require
+from rlx.advantages import frac_zero_std_groups, sequence_rewards, token_rewards
 from rlx.evaluate import evaluate
-from rlx.kl import KL_ESTIMATORS
-from rlx.loops import LOOPS, LoopContext
-from rlx.loops import chunks as _chunks
-from rlx.losses.aggregation import AGGREGATIONS
-from rlx.losses.entropy import token_entropy
-from rlx.losses.policy import POLICY_LOSSES
-from rlx.masked import masked_mean, masked_sum
-from rlx.models import Policy, Sampling, token_logp
-from rlx.registry import Resolved, check_type
-from rlx.rewards import REWARDS, load_callable, score_completions
+from rlx.kl import KLController
+from rlx.loops import LOOPS, LoopContext, chunks
+from rlx.loops.online_settings import OnlinePlan, plan_online
+from rlx.loops.update import UPDATES, Batch, Learner
+from rlx.losses.value import explained_variance
+from rlx.masked import masked_mean, masked_sum, masked_whiten
+from rlx.models import Policy, token_logp
+from rlx.models.value import ActorCriticPolicy, build_critic
+from rlx.rewards import score_completions
 from rlx.rollout import Rollout, sample_groups
 from rlx.runtime import dist_rank
-from rlx.tasks import Task
-from rlx.tracking import LiveProgress, Tracker
-
-
-@dataclass
-class OnlineSettings:
-    """Everything the loop needs from the config, resolved and checked (see `rlx.train.plan`)."""
-
-    steps: int
-    prompts_per_step: int
-    group_size: int
-    epochs: int
-    minibatches: int
-    micro_batch_size: int | None
-    grad_clip: float | None
-    entropy_coef: float
-    max_len: int | None
-    dynamic_sampling: bool
-    max_resample_rounds: int
-    kl_coef: float
-    kl_placement: str  # "loss" | "reward"
-    ref_refresh: int
-    eval_every: int
-    samples_every: int
-    eval_greedy: bool
-    eval_batch_size: int
-    sampling: Sampling
-
-
-@dataclass
-class Pieces:
-    """The pluggable math, bound to its hyperparameters."""
-
-    reward: Resolved
-    advantage: Resolved
-    policy_loss: Resolved
-    aggregation: Resolved
-    kl: Resolved | None
-
-
-@dataclass
-class OnlinePlan:
-    settings: OnlineSettings
-    pieces: Pieces
-
-
-ALGO_TYPES: dict[str, Any] = {
-    "name": str,
-    "loop": str,
-    "aggregation": str,
-    "max_len": int | None,
-    "entropy_coef": float,
-    "epochs": int,
-    "minibatches": int,
-    "dynamic_sampling": bool,
-    "max_resample_rounds": int,
-}
-KL_LOOP_KEYS = {"coef": 0.0, "placement": "loss", "ref_refresh": 0}
-
-
-def plan_online(c: dict[str, Any], task: Task) -> OnlinePlan:
-    """Check the online loop's settings and bind its pieces (reward, advantages, loss, KL)."""
-    t, a, r = c["trainer"], c["algo"], c["rollout"]
-    for key, kind in ALGO_TYPES.items():
-        if key in a:
-            check_type(f"algo.{key}", a[key], kind)
-    require(t["prompts_per_step"] >= 1, f"trainer.prompts_per_step must be >= 1, got {t['prompts_per_step']}")
-    require(t["group_size"] >= 1, f"trainer.group_size must be >= 1, got {t['group_size']}")
-    require(a["epochs"] >= 1, f"algo.epochs must be >= 1, got {a['epochs']}")
-    require(a["minibatches"] >= 1, f"algo.minibatches must be >= 1, got {a['minibatches']}")
-    n = t["prompts_per_step"] * t["group_size"]
-    require(
-        n % a["minibatches"] == 0,
-        f"{n} completions per step (trainer.prompts_per_step x trainer.group_size) do not split into "
-        f"algo.minibatches={a['minibatches']}",
-    )
-    mbs = t["micro_batch_size"]
-    require(mbs is None or mbs >= 1, f"trainer.micro_batch_size must be >= 1 or null, got {mbs}")
-    require(r["temperature"] > 0, f"rollout.temperature must be > 0, got {r['temperature']}")
-    require(r["top_k"] >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r['top_k']}")
-    require(0 < r["top_p"] <= 1, f"rollout.top_p must be in (0, 1], got {r['top_p']}")
-    require(a["entropy_coef"] >= 0, f"algo.entropy_coef must be >= 0, got {a['entropy_coef']}")
-    max_new = r["max_new_tokens"] or task.max_new_tokens
-    require(max_new >= 1, f"rollout.max_new_tokens must be >= 1, got {max_new}")
-
-    reward = REWARDS.resolve(c["reward"], where="reward")
-    if reward.name == "custom":
-        fn = reward.kwargs.get("fn")
-        require(fn not in (None, "", "???"), "reward=custom needs reward.fn=my_module:my_reward")
-        load_callable(str(fn), where="reward.fn")
-    check = reward.entry.meta.get("check")  # a reward's own start-up check (reward=model loads its model)
-    if check is not None:
-        check(dict(reward.kwargs))
-    advantage = ADVANTAGES.resolve(c["adv_norm"], where="adv_norm")
-    min_group = advantage.entry.meta.get("min_group_size", 1)
-    require(
-        t["group_size"] >= min_group,
-        f"adv_norm={advantage.name} needs trainer.group_size >= {min_group}, got {t['group_size']} "
-        "(a group of one has no spread to normalise by)",
-    )
-    if a["dynamic_sampling"]:
-        require(t["group_size"] >= 2, "algo.dynamic_sampling needs trainer.group_size >= 2")
-    policy_loss = POLICY_LOSSES.resolve(c["loss"], where="loss")
-    x = torch.zeros(1, 2)  # one call on a tiny batch: bad hyperparameter values fail here
-    policy_loss(x, x, torch.ones(1, 2), torch.ones(1, 2))
-    aggregation = AGGREGATIONS.resolve(str(a["aggregation"]), where="algo.aggregation")
-    kl = resolve_kl(c["kl"])
-    settings = OnlineSettings(
-        steps=int(t["steps"]),
-        prompts_per_step=int(t["prompts_per_step"]),
-        group_size=int(t["group_size"]),
-        epochs=int(a["epochs"]),
-        minibatches=int(a["minibatches"]),
-        micro_batch_size=mbs,
-        grad_clip=t["grad_clip"],
-        entropy_coef=float(a["entropy_coef"]),
-        max_len=a.get("max_len"),
-        dynamic_sampling=bool(a["dynamic_sampling"]),
-        max_resample_rounds=int(a.get("max_resample_rounds") or 0),
-        kl_coef=float(kl.extra["coef"]) if kl else 0.0,
-        kl_placement=str(kl.extra["placement"]) if kl else "loss",
-        ref_refresh=int(kl.extra["ref_refresh"] or 0) if kl else 0,
-        eval_every=int(t["eval_every"] or 0),
-        samples_every=int(t["samples_every"] or 0),
-        eval_greedy=bool(c["eval"]["greedy"]),
-        eval_batch_size=int(c["eval"]["batch_size"]),
-        sampling=Sampling(
-            temperature=float(r["temperature"]),
-            top_k=int(r["top_k"]),
-            top_p=float(r["top_p"]),
-            max_new_tokens=int(max_new),
-        ),
-    )
-    pieces = Pieces(
-        reward=reward, advantage=advantage, policy_loss=policy_loss, aggregation=aggregation, kl=kl
-    )
-    return OnlinePlan(settings, pieces)
-
-
-def resolve_kl(node: dict[str, Any]) -> Resolved | None:
-    """The ``kl`` group: None for ``kl=none``, else the estimator with coef/placement/ref_refresh."""
-    if node.get("name") in (None, "none"):
-        return None
-    kl = KL_ESTIMATORS.resolve(node, where="kl", reserved=KL_LOOP_KEYS)
-    placement = kl.extra["placement"]
-    require(placement in ("loss", "reward"), f"kl.placement must be loss or reward, got {placement!r}")
-    require(float(kl.extra["coef"]) >= 0, f"kl.coef must be >= 0, got {kl.extra['coef']}")
-    require(int(kl.extra["ref_refresh"] or 0) >= 0, "kl.ref_refresh must be >= 0")
-    return kl
+from rlx.tracking import LiveProgress
 
 
 @LOOPS.register("online", plan=plan_online)
 def build_online(ctx: LoopContext) -> OnlineTrainer:
-    """The policy, optimizer and scheduler for the online loop."""
+    """The policy, its critic when asked, the optimizers, and the loop around them."""
     op: OnlinePlan = ctx.plan.settings
-    s = op.settings
+    algo, t = op.algo, ctx.plan.trainer
     policy = ctx.build_policy()
-    optimizer, scheduler = ctx.make_optimizer(policy.parameters(), s.steps * s.epochs * s.minibatches)
-    return OnlineTrainer(ctx=ctx, policy=policy, optimizer=optimizer, scheduler=scheduler)
+    prepare = UPDATES.get(algo.update).meta.get("prepare")
+    if prepare is not None:  # trpo: eager attention (Fisher-vector products differentiate twice)
+        prepare(policy)
+    critic = build_critic(policy, algo.critic, algo.critic_path) if algo.critic != "none" else None
+    updates = t.steps * algo.epochs * algo.minibatches
+    optimizers: list[tuple[torch.optim.Optimizer, Any]] = []
+    if algo.update == "sgd":  # the policy's optimizer (over the value head too when it shares the trunk)
+        head = critic.own_parameters() if critic is not None and critic.shared else []
+        optimizers.append(ctx.make_optimizer([*policy.parameters(), *head], updates))
+    if critic is not None and not critic.shared:
+        optimizer, scheduler = ctx.make_optimizer(critic.own_parameters(), updates)
+        if algo.critic_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = algo.critic_lr
+            scheduler.base_lrs = [algo.critic_lr for _ in scheduler.base_lrs]
+        optimizers.append((optimizer, scheduler))
+    sampling = ctx.plan.sampling()
+    learner = Learner(
+        policy=ActorCriticPolicy(policy, critic) if critic is not None else policy,
+        critic=critic,
+        optimizers=optimizers,
+        pieces=op.pieces,
+        algo=algo,
+        update_settings=op.update_settings,
+        guard=ctx.nonfinite,
+        micro_batch_size=t.micro_batch_size,
+        grad_clip=t.grad_clip,
+        temperature=sampling.temperature,
+        max_len=algo.max_len or int(sampling.max_new_tokens or 1),
+        kl_in_loss=op.pieces.kl is not None and op.kl.placement == "loss" and op.kl.coef > 0,
+    )
+    return OnlineTrainer(ctx, learner)
 
 
 class OnlineTrainer:
-    """REINFORCE / RLOO / GRPO / Dr. GRPO / DAPO: sample, score, advantages, epochs of updates."""
+    """The loop: stages of one batch, then the update; checkpoint state; evaluation."""
 
-    def __init__(
-        self,
-        *,
-        ctx: LoopContext,
-        policy: Policy,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ) -> None:
+    def __init__(self, ctx: LoopContext, learner: Learner) -> None:
         op: OnlinePlan = ctx.plan.settings
-        self.ctx = ctx
-        self.s = op.settings
-        self.p = op.pieces
-        self.task = ctx.plan.task
-        self.policy = policy
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.tracker: Tracker = ctx.tracker
-        self.run_dir: Path = ctx.run_dir
+        self.ctx, self.learner = ctx, learner
+        self.plan, self.algo, self.kl, self.pieces = ctx.plan, op.algo, op.kl, op.pieces
+        self.task, self.tracker, self.sampling = ctx.plan.task, ctx.tracker, ctx.plan.sampling()
+        self.policy = learner.policy
+        self.critic = learner.critic
+        self.update = UPDATES.get(self.algo.update)
         self.rank, self.world_size = dist_rank()
         self.step = 0
+        self.kl_ctl = KLController(
+            self.kl.coef, target=self.kl.adaptive_target, horizon=self.kl.adaptive_horizon
+        )
         self.ref: Policy | None = None
-        if self.p.kl is not None:
-            self.ref = copy.copy(policy)
-            self.ref.model = copy.deepcopy(policy.model).requires_grad_(False)
-        self.samples_path = self.run_dir / "samples.jsonl"
+        if self.pieces.kl is not None:
+            self.ref = copy.copy(self.policy)
+            self.ref.model = copy.deepcopy(self.policy.model).requires_grad_(False)
+        self.samples_path = ctx.run_dir / "samples.jsonl"
+
+    # the policy's optimizer (what rlx.train saves as "optimizer"), and a separate critic's
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.learner.optimizers[0][0] if self.algo.update == "sgd" else None
+
+    @property
+    def scheduler(self) -> Any:
+        return self.learner.optimizers[0][1] if self.algo.update == "sgd" else None
+
+    @property
+    def _critic_pair(self) -> tuple[torch.optim.Optimizer, Any] | None:
+        separate = self.critic is not None and not self.critic.shared
+        return self.learner.optimizers[-1] if separate else None
+
+    @property
+    def critic_optimizer(self) -> torch.optim.Optimizer | None:
+        return self._critic_pair[0] if self._critic_pair else None
+
+    @property
+    def critic_scheduler(self) -> Any:
+        return self._critic_pair[1] if self._critic_pair else None
 
     # -- state for checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Beyond the policy/optimizer/scheduler/RNG: the step and the reference model."""
-        return {
+        """Beyond the policy/optimizer/scheduler/RNG: step, reference, KL controller, critic."""
+        state: dict[str, Any] = {
             "step": self.step,
             "ref": self.ref.model.state_dict() if self.ref is not None else None,
             "nonfinite": self.ctx.nonfinite.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
         }
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict_for_resume()
+        if self._critic_pair is not None:
+            state["critic_optimizer"] = self._critic_pair[0].state_dict()
+            state["critic_scheduler"] = self._critic_pair[1].state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.ctx.nonfinite.load_state_dict(state["nonfinite"])
         if self.ref is not None and state.get("ref") is not None:
             self.ref.model.load_state_dict(state["ref"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.critic is not None:
+            self.critic.load_state_dict_for_resume(state["critic"])
+        if self._critic_pair is not None:
+            self._critic_pair[0].load_state_dict(state["critic_optimizer"])
+            self._critic_pair[1].load_state_dict(state["critic_scheduler"])
 
     def evaluate(self) -> dict[str, float]:
         metrics, _ = evaluate(
             self.policy,
             self.task,
-            self.p.reward,
-            self.s.sampling,
-            greedy=self.s.eval_greedy,
-            batch_size=self.s.eval_batch_size,
+            self.pieces.reward,
+            self.sampling,
+            greedy=self.plan.eval.greedy,
+            batch_size=self.plan.eval.batch_size,
         )
         return metrics
 
-    # -- the reference model -------------------------------------------------------------------
-    def maybe_refresh_reference(self) -> None:
-        """The lecture re-freezes pi_ref from the current policy every few iterations."""
-        if self.ref is not None and self.s.ref_refresh and self.step and self.step % self.s.ref_refresh == 0:
-            self.ref.model.load_state_dict(self.policy.model.state_dict())
-
-    @torch.no_grad()
-    def reference_logp(self, ro: Rollout) -> Tensor:
-        assert self.ref is not None
-        out = torch.zeros_like(ro.old_logp)
-        for idx in _chunks(torch.arange(len(ro.tokens), device=ro.tokens.device), self.s.micro_batch_size):
-            logits = self.ref.completion_logits(
-                ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx]
-            )
-            out[idx] = token_logp(logits, ro.tokens[idx], self.s.sampling.temperature) * ro.mask[idx]
-        return out
-
-    # -- rollout and rewards -------------------------------------------------------------------
+    # -- the stages ----------------------------------------------------------------------------
     def _sample_and_score(self, round_: int) -> tuple[Rollout, Tensor]:
         # Extra DAPO rounds draw fresh prompts from a separate stream of the task, indexed by round.
+        t = self.plan.trainer
         prompts = self.task.train_batch(
-            self.step, self.s.prompts_per_step, self.rank, self.world_size, stream=round_
+            self.step, t.prompts_per_step, self.rank, self.world_size, stream=round_
         )
-        ro = sample_groups(self.policy, prompts, self.s.group_size, self.s.sampling)
+        ro = sample_groups(self.policy, prompts, t.group_size, self.sampling)
         rewards = score_completions(
-            self.p.reward, ro.batch.prompts, ro.completions, ro.reward_columns(), ro.mask
+            self.pieces.reward, ro.batch.prompts, ro.completions, ro.reward_columns(), ro.mask
         )
         return ro, rewards
 
-    def collect(self) -> tuple[Rollout, Tensor, dict[str, float]]:
+    def collect(self) -> Batch:
         """One batch of groups; with DAPO's dynamic sampling, groups whose rewards are all equal are
         dropped and replaced by groups sampled from fresh prompts (up to ``max_resample_rounds``)."""
+        group_size = self.plan.trainer.group_size
         ro, rewards = self._sample_and_score(0)
-        seq = _sequence_rewards(rewards, ro.mask)
+        seq = sequence_rewards(rewards, ro.mask)
         metrics = {
             "reward/mean": seq.mean().item(),
             "reward/std": seq.std().item() if len(seq) > 1 else 0.0,
-            "frac_reward_zero_std": frac_zero_std_groups(seq, self.s.group_size),
+            "frac_reward_zero_std": frac_zero_std_groups(seq, group_size),
             "response/length": ro.mask.sum(-1).mean().item(),
         }
-        if not self.s.dynamic_sampling:
-            return ro, rewards, metrics
-        wanted = ro.num_groups
-        kept_ro: list[Rollout] = []
-        kept_r: list[Tensor] = []
-        have = 0
-        rounds = 0
+        if not self.algo.dynamic_sampling:
+            return Batch(ro, rewards, metrics=metrics)
+        wanted, have, rounds = ro.num_groups, 0, 0
+        kept: list[tuple[Rollout, Tensor]] = []
         while True:
-            groups = seq.view(-1, self.s.group_size)
+            groups = seq.view(-1, group_size)
             informative = (groups.amax(1) != groups.amin(1)).nonzero().flatten().tolist()
             take = informative[: wanted - have]
             if take:
-                kept_ro.append(ro.select_groups(take))
-                kept_r.append(_select_group_rows(rewards, take, self.s.group_size))
+                rows = torch.tensor(
+                    [g * group_size + i for g in take for i in range(group_size)], device=rewards.device
+                )
+                kept.append((ro.select_groups(take), rewards[rows]))
                 have += len(take)
-            if have >= wanted or rounds >= self.s.max_resample_rounds:
+            if have >= wanted or rounds >= self.algo.max_resample_rounds:
                 break
             rounds += 1
             ro, rewards = self._sample_and_score(rounds)
-            seq = _sequence_rewards(rewards, ro.mask)
+            seq = sequence_rewards(rewards, ro.mask)
         metrics["dynamic/rounds"] = float(rounds)
         metrics["dynamic/kept_groups"] = float(have)
-        if not kept_ro:  # nothing informative at all: train on the zero-advantage batch as is
-            return ro, rewards, metrics
-        return Rollout.concat(kept_ro), _cat_rewards(kept_r), metrics
+        if not kept:  # nothing informative at all: train on the zero-advantage batch as is
+            return Batch(ro, rewards, metrics=metrics)
+        return Batch(
+            Rollout.concat([r for r, _ in kept]), torch.cat([x for _, x in kept], dim=0), metrics=metrics
+        )
 
-    # -- the update ----------------------------------------------------------------------------
-    def update(self, ro: Rollout, advantages: Tensor, ref_logp: Tensor | None) -> dict[str, float]:
-        n = len(ro.tokens)
-        mb_size = n // self.s.minibatches
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
-        temperature = self.s.sampling.temperature
-        kl_in_loss = self.p.kl is not None and self.s.kl_placement == "loss" and self.s.kl_coef > 0
-        for _epoch in range(self.s.epochs):
-            device = ro.tokens.device
-            perm = (
-                torch.randperm(n, device=device) if self.s.minibatches > 1 else torch.arange(n, device=device)
+    @torch.no_grad()
+    def reference(self, batch: Batch) -> None:
+        """ref_logp under the frozen reference, and the KL to it at sampling time (``kl/ref``)."""
+        if self.ref is None or self.pieces.kl is None:
+            return
+        ro = batch.rollout
+        out = torch.zeros_like(ro.old_logp)
+        for idx in chunks(
+            torch.arange(len(ro.tokens), device=ro.tokens.device), self.plan.trainer.micro_batch_size
+        ):
+            logits = self.ref.completion_logits(
+                ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx]
             )
-            for mb in range(self.s.minibatches):
-                rows = perm[mb * mb_size : (mb + 1) * mb_size]
-                num_tokens = ro.mask[rows].sum().item()
-                num_seqs = len(rows)
-                self.optimizer.zero_grad(set_to_none=True)
-                step_metrics: dict[str, float] = defaultdict(float)
-                skipped = False
-                for idx in _chunks(rows, self.s.micro_batch_size):
-                    share = len(idx) / num_seqs
-                    mask = ro.mask[idx]
-                    logits = self.policy.completion_logits(
-                        ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], mask
-                    )
-                    logp = token_logp(logits, ro.tokens[idx], temperature)
-                    per_token, loss_metrics = self.p.policy_loss(
-                        logp, ro.old_logp[idx], advantages[idx], mask
-                    )
-                    agg = self._aggregate_fn(num_tokens, num_seqs)
-                    policy_loss = agg(per_token, mask)
-                    total = policy_loss
-                    if self.s.entropy_coef:
-                        entropy = token_entropy(logits / temperature)
-                        total = total - self.s.entropy_coef * agg(entropy, mask)
-                    else:
-                        with torch.no_grad():
-                            entropy = token_entropy(logits / temperature)
-                    if kl_in_loss:
-                        assert ref_logp is not None and self.p.kl is not None
-                        kl_tokens = self.p.kl(logp, ref_logp[idx])
-                        kl_loss = agg(kl_tokens, mask)
-                        total = total + self.s.kl_coef * kl_loss
-                        step_metrics["loss/kl"] += kl_loss.item()
-                    what = f"loss (policy loss {policy_loss.item()})"
-                    if not self.ctx.nonfinite.ok(total, what, self.step):
-                        skipped = True
-                        break
-                    total.backward()
-                    step_metrics["loss/total"] += total.item()
-                    step_metrics["loss/policy"] += policy_loss.item()
-                    step_metrics["entropy"] += share * masked_mean(entropy.detach(), mask).item()
-                    for k, v in loss_metrics.items():
-                        step_metrics[k] += share * float(v)
-                grad_norm = float("nan") if skipped else self._clip_gradients()
-                if skipped or not self.ctx.nonfinite.ok(grad_norm, "gradient norm", self.step):
-                    self.optimizer.zero_grad(set_to_none=True)  # this update is dropped (on_nonfinite=skip)
-                    continue
-                self.ctx.nonfinite.update_done()
-                step_metrics["grad_norm"] = grad_norm
-                step_metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.scheduler.step()
-                for k, v in step_metrics.items():
-                    sums[k] += v
-                    counts[k] += 1
-        out = {k: sums[k] / counts[k] for k in sums}
-        out["nonfinite/skipped"] = float(self.ctx.nonfinite.skipped)
-        return out
+            out[idx] = token_logp(logits, ro.tokens[idx], self.sampling.temperature) * ro.mask[idx]
+        batch.ref_logp = out
+        batch.ref_kl = self.pieces.kl(ro.old_logp, out) * ro.mask
+        batch.metrics["kl/ref"] = masked_mean(batch.ref_kl, ro.mask).item()
 
-    def _aggregate_fn(self, num_tokens: float, num_seqs: int) -> Callable[[Tensor, Tensor], Tensor]:
-        agg, max_len = self.p.aggregation, self.s.max_len or self.s.sampling.max_new_tokens
-        return lambda x, mask: agg(x, mask, num_tokens, num_seqs, max_len=max_len)
+    @torch.no_grad()
+    def critic_values(self, batch: Batch) -> None:
+        """V_old(s_t) of the critic that goes with pi_old, 0 on padding."""
+        if self.critic is None:
+            return
+        ro = batch.rollout
+        out = torch.zeros_like(ro.old_logp)
+        for idx in chunks(
+            torch.arange(len(ro.tokens), device=ro.tokens.device), self.plan.trainer.micro_batch_size
+        ):
+            args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
+            if self.critic.shared:
+                values = self.critic.values_from_hidden(self.policy.completion_logits_and_hidden(*args)[1])
+            else:
+                values = self.critic.values(*args)
+            out[idx] = values.float() * ro.mask[idx]
+        batch.values = out
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.s.grad_clip if self.s.grad_clip else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    def shape(self, batch: Batch, beta: float) -> None:
+        """Per-token rewards, with -beta * KL on every token when the KL is in the reward."""
+        in_reward = batch.ref_kl is not None and self.kl.placement == "reward"
+        batch.token_rewards = token_rewards(
+            batch.rewards, batch.mask, batch.ref_kl if in_reward else None, beta
+        )
+
+    def estimate(self, batch: Batch) -> None:
+        """Advantages from the registry (and returns = A + V with a critic), optionally whitened."""
+        mask, meta = batch.mask, self.pieces.advantage.entry.meta
+        assert batch.token_rewards is not None
+        if meta.get("token_rewards") or batch.rewards.dim() == 2:
+            rewards = batch.token_rewards
+        else:
+            rewards = masked_sum(batch.token_rewards, mask, dim=-1)
+        extra = {"values": batch.values} if "values" in meta.get("needs", ()) else {}
+        advantages = self.pieces.advantage(rewards, self.plan.trainer.group_size, mask, **extra)
+        batch.metrics["adv/mean"] = masked_mean(advantages, mask).item()
+        if batch.values is not None:
+            batch.returns = (advantages + batch.values) * mask
+            batch.metrics["value/mean"] = masked_mean(batch.values, mask).item()
+            batch.metrics["value/explained_variance"] = explained_variance(batch.values, batch.returns, mask)
+        if self.algo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        batch.advantages = advantages
 
     # -- one iteration -------------------------------------------------------------------------
     def iteration(self) -> dict[str, float]:
         t0 = time.perf_counter()
         self.maybe_refresh_reference()
-        ro, rewards, metrics = self.collect()
-        ref_logp = self.reference_logp(ro) if self.ref is not None else None
-        shaped = rewards
-        if ref_logp is not None and self.p.kl is not None:
-            kl_tokens = self.p.kl(ro.old_logp, ref_logp) * ro.mask
-            metrics["kl/ref"] = masked_mean(kl_tokens, ro.mask).item()
-            if self.s.kl_placement == "reward" and self.s.kl_coef > 0:
-                shaped = _kl_shaped_rewards(rewards, kl_tokens, ro.mask, self.s.kl_coef)
-        advantages = self.p.advantage(shaped, self.s.group_size, ro.mask)
-        metrics["adv/mean"] = masked_mean(advantages, ro.mask).item()
+        batch = self.collect()
+        self.reference(batch)
+        self.critic_values(batch)
+        beta = self.kl_ctl.coef
+        self.shape(batch, beta)
+        self.estimate(batch)
         t1 = time.perf_counter()
-        metrics.update(self.update(ro, advantages, ref_logp))
+        metrics = batch.metrics
+        metrics.update(self.update.fn(self.learner, batch, step=self.step, kl_coef=beta))
         t2 = time.perf_counter()
-        tokens = ro.mask.sum().item()
+        if batch.ref_kl is not None:  # the controller measures the mean sequence KL (Ziegler et al.)
+            metrics["kl/coef"] = beta
+            self.kl_ctl.update(masked_sum(batch.ref_kl, batch.mask, dim=-1).mean().item(), n=len(batch.mask))
         metrics["time/rollout_s"] = t1 - t0
         metrics["time/update_s"] = t2 - t1
-        metrics["throughput/tokens_per_s"] = tokens / max(t2 - t0, 1e-9)  # sampled tokens per second
-        if self.s.samples_every and self.step % self.s.samples_every == 0:
-            self._write_samples(ro, rewards, advantages)
+        metrics["throughput/tokens_per_s"] = batch.mask.sum().item() / max(t2 - t0, 1e-9)  # sampled tokens/s
+        if self.plan.trainer.samples_every and self.step % self.plan.trainer.samples_every == 0:
+            self._write_samples(batch)
         return metrics
 
-    def _write_samples(self, ro: Rollout, rewards: Tensor, advantages: Tensor, groups: int = 2) -> None:
+    def maybe_refresh_reference(self) -> None:
+        """The lecture re-freezes pi_ref from the current policy every few iterations."""
+        if (
+            self.ref is not None
+            and self.kl.ref_refresh
+            and self.step
+            and self.step % self.kl.ref_refresh == 0
+        ):
+            self.ref.model.load_state_dict(self.policy.model.state_dict())
+
+    def _write_samples(self, batch: Batch, groups: int = 2) -> None:
         if self.rank != 0:
             return
-        seq = _sequence_rewards(rewards, ro.mask)
+        ro, seq = batch.rollout, sequence_rewards(batch.rewards, batch.mask)
+        assert batch.advantages is not None
         with self.samples_path.open("a", encoding="utf-8") as f:
             for i in range(min(groups * ro.group_size, len(ro.tokens))):
                 row = {
@@ -443,43 +335,18 @@ class OnlineTrainer:
                     "prompt": ro.batch.prompts[i],
                     "completion": ro.completions[i],
                     "reward": round(seq[i].item(), 6),
-                    "advantage": round(masked_mean(advantages[i], ro.mask[i]).item(), 6),
+                    "advantage": round(masked_mean(batch.advantages[i], ro.mask[i]).item(), 6),
                 }
                 f.write(json.dumps(row) + "\n")
 
     def run(self) -> None:
-        with LiveProgress(self.s.steps, "train", enabled=self.tracker.enabled) as bar:
-            while self.step < self.s.steps:
+        t = self.plan.trainer
+        with LiveProgress(t.steps, "train", enabled=self.tracker.enabled) as bar:
+            while self.step < t.steps:
                 metrics = self.iteration()
                 self.step += 1
-                if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     metrics.update(self.evaluate())
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(self.step, metrics)
                 self.ctx.step_done(self)
-
-
-def _sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
-    """One number per completion: the outcome reward, or the sum of a process reward's tokens."""
-    return rewards if rewards.dim() == 1 else masked_sum(rewards, mask, dim=-1)
-
-
-def _kl_shaped_rewards(rewards: Tensor, kl_tokens: Tensor, mask: Tensor, coef: float) -> Tensor:
-    """r_t <- r_t - beta * kl_t on every completion token (PPO-style KL in the reward).
-
-    For an outcome reward and a group/batch baseline the per-token rewards are summed into the
-    sequence's return, r_i - beta * sum_t kl_{i,t} (as TRL's RLOO does); process rewards stay per
-    token.
-    """
-    if rewards.dim() == 1:
-        return rewards - coef * masked_sum(kl_tokens, mask, dim=-1)
-    return rewards - coef * kl_tokens * mask
-
-
-def _select_group_rows(rewards: Tensor, groups: list[int], group_size: int) -> Tensor:
-    rows = [g * group_size + i for g in groups for i in range(group_size)]
-    return rewards[torch.tensor(rows, dtype=torch.long, device=rewards.device)]
-
-
-def _cat_rewards(parts: list[Tensor]) -> Tensor:
-    return torch.cat(parts, dim=0)

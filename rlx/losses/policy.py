@@ -77,6 +77,44 @@ def clipped_surrogate_loss(
     return loss, metrics
 
 
+@POLICY_LOSSES.register("gspo")
+def gspo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO's sequence-level clipped surrogate (Zheng et al. 2025, "Group Sequence Policy Optimization").
+
+    s_i = exp((1 / |y_i|) sum_t (logp_t - old_logp_t)), the length-normalised sequence ratio;
+    L_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), returned on every real token of
+    sequence i, so ``seq_mean_token_mean`` aggregation gives the paper's (1 / G) sum_i L_i. The gradient
+    is s_i * A_i * mean_t grad(logp_t) where unclipped: GSPO's, not GRPO's per-token one. ``advantages``
+    are per token but constant along a sequence for outcome rewards (their masked mean is A_i).
+    Metrics: ``clip_frac`` (share of sequences whose clipped term was active) and ``kl/old``.
+    Departure: none in the loss; the clip range defaults are the paper's (3e-4, 4e-4).
+    """
+    if eps_low < 0 or eps_high < 0 or eps_low >= 1:
+        raise RlxError(f"gspo loss needs 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    log_ratio = logp - old_logp
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1)  # [N]
+    ratio = torch.exp(seq_log_ratio)
+    adv = masked_mean(advantages, mask, dim=-1)
+    seq_loss1 = -adv * ratio
+    seq_loss2 = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    seq_loss = torch.maximum(seq_loss1, seq_loss2)
+    has_tokens = (mask.sum(-1) > 0).to(logp.dtype)
+    metrics = {
+        "clip_frac": ((seq_loss2 > seq_loss1).to(logp.dtype) * has_tokens).sum()
+        / has_tokens.sum().clamp(min=1),
+        "kl/old": approx_kl_old(log_ratio.detach(), mask),
+    }
+    return seq_loss.unsqueeze(-1).expand_as(logp), metrics
+
+
 def importance_sampled_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> Tensor:
     """L_t = -ratio_t * A_t with ratio_t = exp(logp_t - old_logp_t): the unclipped surrogate TRPO
     maximises inside its trust region (Schulman et al. 2015, eq. 14). Not registered as a ``loss``:

@@ -1,0 +1,276 @@
+"""The update: what the online loop does with one finished batch, written once.
+
+``UPDATES[algo.update](learner, batch, step=..., kl_coef=...) -> metrics``:
+
+- ``sgd`` (every preset but trpo): for epoch in 1..epochs, for each of ``minibatches`` shuffled
+  minibatches, split into micro-batches for memory:
+
+      loss = aggregate(policy loss)                       # the registry's loss, algo.aggregation
+             + vf_coef * token_mean(value loss)           # when there is a critic
+             - entropy_coef * aggregate(entropy)
+             + beta * aggregate(KL to pi_ref)              # when the KL is in the loss
+
+  backward (accumulated), then the KL early stop (``algo.early_stop_kl``: approx KL(pi_old || pi) of
+  this minibatch, computed here from the log-probs, checked before its optimizer step, which it skips
+  with the remaining epochs, as Stable-Baselines3), then `optimizer_step`.
+- ``trpo`` (rlx/loops/trpo.py): a natural-gradient step in a KL trust region.
+
+Every micro-batch's loss is normalised by its minibatch's token and sequence counts, so gradient
+accumulation gives exactly the unsplit minibatch's update. The value loss is always a token mean
+over the minibatch (as TRL and OpenRLHF), whatever ``algo.aggregation``.
+
+An update is a function of a `Batch` and a `Learner`: tests call it on a hand-built batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlx.loops import NonFiniteGuard, chunks
+from rlx.loops.optim import optimizer_step, zero_grad
+from rlx.losses.aggregation import token_mean
+from rlx.losses.entropy import token_entropy
+from rlx.losses.value import clipped_value_loss
+from rlx.masked import masked_mean, masked_sum
+from rlx.models import Policy, token_logp
+from rlx.models.value import Critic
+from rlx.registry import Registry, Resolved
+from rlx.rollout import Rollout
+
+UPDATES = Registry("update rule", ["rlx.loops"])
+
+
+@dataclass
+class Batch:
+    """One iteration's data as it moves through the online loop's stages, ``[N, T]`` tensors.
+
+    collect -> ``rollout``, ``rewards`` (as the reward returned them: ``[N]`` outcome or ``[N, T]``
+    process); reference -> ``ref_logp``, ``ref_kl``; critic -> ``values`` (V_old); shape -> ``token_rewards``;
+    advantages -> ``advantages`` (and ``returns`` = A + V with a critic).
+    """
+
+    rollout: Rollout
+    rewards: Tensor
+    ref_logp: Tensor | None = None
+    ref_kl: Tensor | None = None  # per-token KL estimate to pi_ref at sampling time, masked
+    values: Tensor | None = None
+    token_rewards: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.rollout.mask
+
+
+@dataclass
+class Pieces:
+    """The pluggable math, bound to its hyperparameters."""
+
+    reward: Resolved
+    advantage: Resolved
+    policy_loss: Resolved
+    aggregation: Resolved
+    kl: Resolved | None
+
+
+@dataclass
+class Learner:
+    """What an update changes and how: the policy (and critic), their optimizers, the loss pieces.
+
+    ``optimizers`` are (optimizer, scheduler) pairs: the policy's first (over the value head too in
+    the ``head`` layout), then a separate critic's. Under ``trpo`` the policy has none.
+    """
+
+    policy: Policy
+    critic: Critic | None
+    optimizers: list[tuple[torch.optim.Optimizer, Any]]
+    pieces: Pieces
+    algo: Any  # OnlineAlgoSettings
+    update_settings: Any  # the update rule's own settings (TRPOSettings), or None
+    guard: NonFiniteGuard
+    micro_batch_size: int | None
+    grad_clip: float | None
+    temperature: float
+    max_len: int
+    kl_in_loss: bool = False
+
+    def aggregate(self, num_tokens: float, num_seqs: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """``algo.aggregation`` with the minibatch's counts (what makes micro-batches add up)."""
+        agg, max_len = self.pieces.aggregation, self.max_len
+        return lambda x, mask: agg(x, mask, num_tokens, num_seqs, max_len=max_len)
+
+    def forward(self, ro: Rollout, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Policy logits and (with a critic) values for rows ``idx``; one pass when the trunk is shared."""
+        args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
+        if self.critic is None:
+            return self.policy.completion_logits(*args), None
+        if self.critic.shared:
+            logits, hidden = self.policy.completion_logits_and_hidden(*args)
+            return logits, self.critic.values_from_hidden(hidden)
+        return self.policy.completion_logits(*args), self.critic.values(*args)
+
+
+def minibatch_gradients(
+    learner: Learner, batch: Batch, rows: Tensor, *, step: int, kl_coef: float
+) -> tuple[dict[str, float] | None, float]:
+    """Forward and backward over ``rows`` in micro-batches, gradients accumulated.
+
+    Returns the minibatch's metrics (None when a non-finite loss dropped it, ``on_nonfinite=skip``) and
+    its approx KL(pi_old || pi) (k3, token mean; computed only when the early stop is on).
+    """
+    ro, algo = batch.rollout, learner.algo
+    num_tokens = ro.mask[rows].sum().item()
+    num_seqs = len(rows)
+    agg = learner.aggregate(num_tokens, num_seqs)
+    zero_grad(learner.optimizers)
+    m: dict[str, float] = defaultdict(float)
+    kl_old_sum = 0.0
+    for idx in chunks(rows, learner.micro_batch_size):
+        share = len(idx) / num_seqs
+        mask = ro.mask[idx]
+        logits, values = learner.forward(ro, idx)
+        logp = token_logp(logits, ro.tokens[idx], learner.temperature)
+        assert batch.advantages is not None
+        per_token, loss_metrics = learner.pieces.policy_loss(
+            logp, ro.old_logp[idx], batch.advantages[idx], mask
+        )
+        policy_loss = agg(per_token, mask)
+        total = policy_loss
+        what = f"loss (policy loss {policy_loss.item()})"
+        if values is not None:
+            assert batch.values is not None and batch.returns is not None
+            value_tokens, value_metrics = clipped_value_loss(
+                values, batch.values[idx], batch.returns[idx], mask, clip_range=algo.cliprange_value
+            )
+            value_loss = token_mean(value_tokens, mask, num_tokens, num_seqs)
+            total = policy_loss + algo.vf_coef * value_loss
+            what = f"loss (policy loss {policy_loss.item()}, value loss {value_loss.item()})"
+            loss_metrics = {**loss_metrics, **value_metrics}
+        if algo.entropy_coef:
+            entropy = token_entropy(logits / learner.temperature)
+            total = total - algo.entropy_coef * agg(entropy, mask)
+        else:
+            with torch.no_grad():
+                entropy = token_entropy(logits / learner.temperature)
+        if learner.kl_in_loss:
+            assert batch.ref_logp is not None and learner.pieces.kl is not None
+            kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)
+            total = total + kl_coef * kl_loss
+            m["loss/kl"] += kl_loss.item()
+        if not learner.guard.ok(total, what, step):
+            return None, 0.0
+        total.backward()
+        m["loss/total"] += total.item()
+        m["loss/policy"] += policy_loss.item()
+        if values is not None:
+            m["loss/value"] += value_loss.item()
+        m["entropy"] += share * masked_mean(entropy.detach(), mask).item()
+        for k, v in loss_metrics.items():
+            m[k] += share * float(v)
+        if algo.early_stop_kl is not None:
+            log_ratio = (logp - ro.old_logp[idx]).detach()
+            kl_old_sum += masked_sum(torch.expm1(log_ratio) - log_ratio, mask).item()
+    return m, kl_old_sum / max(num_tokens, 1.0)
+
+
+@UPDATES.register("sgd")
+def sgd_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) -> dict[str, float]:
+    """epochs x minibatches x micro-batches of the loss above, one `optimizer_step` per minibatch."""
+    ro, algo = batch.rollout, learner.algo
+    n = len(ro.tokens)
+    mb_size = n // algo.minibatches
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    steps_done = 0
+    stopped = False
+    for _epoch in range(algo.epochs):
+        device = ro.tokens.device
+        perm = torch.randperm(n, device=device) if algo.minibatches > 1 else torch.arange(n, device=device)
+        for mb in range(algo.minibatches):
+            rows = perm[mb * mb_size : (mb + 1) * mb_size]
+            m, kl_old = minibatch_gradients(learner, batch, rows, step=step, kl_coef=kl_coef)
+            if m is None:  # trainer.on_nonfinite=skip: this update is dropped
+                zero_grad(learner.optimizers)
+                continue
+            # KL early stop: this minibatch measured how far the previous steps moved pi from pi_old
+            if algo.early_stop_kl is not None and kl_old > 1.5 * algo.early_stop_kl:
+                zero_grad(learner.optimizers)
+                sums["kl/old"] += m["kl/old"]
+                counts["kl/old"] += 1
+                stopped = True
+                break
+            lr = learner.optimizers[0][0].param_groups[0]["lr"]  # the rate this step uses
+            grad_norm = optimizer_step(
+                learner.optimizers, grad_clip=learner.grad_clip, guard=learner.guard, step=step
+            )
+            if grad_norm is None:
+                continue
+            m["grad_norm"] = grad_norm
+            m["lr"] = lr
+            steps_done += 1
+            for k, v in m.items():
+                sums[k] += v
+                counts[k] += 1
+        if stopped:
+            break
+    out = {k: sums[k] / counts[k] for k in sums}
+    out["early_stop"] = steps_done / algo.minibatches  # epochs done (< algo.epochs: stopped early)
+    out["nonfinite/skipped"] = float(learner.guard.skipped)
+    return out
+
+
+def fit_critic(learner: Learner, batch: Batch, *, step: int) -> dict[str, float]:
+    """Regress a separate critic on the returns for epochs x minibatches (value loss only): the value
+    fit of an update rule that moves the policy without an optimizer (trpo)."""
+    assert learner.critic is not None and batch.values is not None and batch.returns is not None
+    ro, algo = batch.rollout, learner.algo
+    n = len(ro.tokens)
+    mb_size = n // algo.minibatches
+    sums: dict[str, float] = defaultdict(float)
+    steps = 0
+    for _epoch in range(algo.epochs):
+        perm = torch.randperm(n, device=ro.tokens.device) if algo.minibatches > 1 else torch.arange(n)
+        for mb in range(algo.minibatches):
+            rows = perm[mb * mb_size : (mb + 1) * mb_size].to(ro.tokens.device)
+            num_tokens = ro.mask[rows].sum().item()
+            zero_grad(learner.optimizers)
+            loss_sum, clip_frac = 0.0, 0.0
+            for idx in chunks(rows, learner.micro_batch_size):
+                args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
+                mask = ro.mask[idx]
+                value_tokens, vm = clipped_value_loss(
+                    learner.critic.values(*args),
+                    batch.values[idx],
+                    batch.returns[idx],
+                    mask,
+                    clip_range=algo.cliprange_value,
+                )
+                loss = token_mean(value_tokens, mask, num_tokens, len(rows))
+                if not learner.guard.ok(loss, f"value loss {loss.item()}", step):
+                    break
+                loss.backward()
+                loss_sum += loss.item()
+                clip_frac += len(idx) / len(rows) * float(vm["value/clip_frac"])
+            else:
+                norm = optimizer_step(
+                    learner.optimizers,
+                    grad_clip=learner.grad_clip,
+                    guard=learner.guard,
+                    step=step,
+                    names=("critic gradient norm",),
+                )
+                if norm is not None:
+                    sums["loss/value"] += loss_sum
+                    sums["value/clip_frac"] += clip_frac
+                    steps += 1
+                continue
+            zero_grad(learner.optimizers)
+    return {k: v / max(steps, 1) for k, v in sums.items()}
