@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from rlx.advantages import generalized_advantage_estimate
+from rlx.kl import KLController
+from rlx.losses.value import clipped_value_loss, explained_variance
 
 
 def gae(rewards, values, mask, **hp):
-    """GAE's advantages and the returns the critic regresses on, R = A + V (masked), as the loop forms them."""
+    """GAE's advantages and the returns the critic regresses on, R = A + V (masked), as the loop
+    forms them."""
     adv = generalized_advantage_estimate(rewards, 1, mask, values=values, **hp)
     return adv, (adv + values.detach().float()) * mask
-from rlx.kl import KLController
-from rlx.losses.value import clipped_value_loss, explained_variance
 
 
 def test_gae_by_hand_with_masking():
