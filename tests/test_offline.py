@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from rlx.data.encode import pad_batch
 from rlx.data.sort import write_sort_data
 from rlx.errors import RlxError
-from rlx.data.encode import pad_batch
 from rlx.models import load_pretrained
 from rlx.tasks.sort import SortTask
 from rlx.train import build, plan, train
@@ -203,3 +203,30 @@ def test_offline_bad_input_fails_in_plan(sort_data, tmp_path):
     cfg = compose_cfg(["algo=dpo", *OFFLINE, f"data.train={sort_data['sft_train']}"])
     with pytest.raises(RlxError, match=r"missing chosen \(column 'chosen'\), rejected"):
         build(cfg, run_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "rm"])
+def test_a_row_longer_than_the_context_is_cut_not_a_crash(algo, tmp_path, sort_data):
+    # issue 14: one 70-token completion on tiny_gpt (64 positions) was an IndexError in the position
+    # embedding; algo.max_completion_len (512) is not the limit that matters, the model's context is
+    kind = "sft" if algo == "sft" else "pairs"
+    lines = sort_data[f"{kind}_train"].read_text().splitlines()[:7]
+    long = " ".join(str(i % 10) for i in range(70))
+    row = {"prompt": "3 1 0 2", "completion": long} if kind == "sft" else {}
+    if kind == "pairs":
+        row = {"prompt": "3 1 0 2", "chosen": long, "rejected": "0 1 2 3"}
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join([json.dumps(row), *lines]) + "\n")
+    cfg = compose_cfg(
+        [f"algo={algo}", *OFFLINE, f"data.train={path}", f"data.eval={path}", "trainer.steps=1"]
+    )
+    with pytest.warns(RuntimeWarning, match="1 row\\(s\\) cut to fit the model's context of 64 positions"):
+        summary = train(cfg, run_dir=tmp_path / "run")
+    report = rows(tmp_path / "run")[0]
+    assert report["data/rows"] == 8 and report["data/truncated_completions"] == 1
+    assert report["eval_data/truncated_completions"] == 1 and report["data/truncated_prompts"] == 0
+    assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float))
+    session = build(cfg, run_dir=tmp_path / "built")
+    data = session.trainer.data
+    assert max(len(p) + len(c) for p, c in zip(data.prompts, data.first)) == 64  # filled, not over
+    session.tracker.close()

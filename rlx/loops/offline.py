@@ -124,15 +124,12 @@ def read_data(
     enc.counts["data/skipped_identical"] = float(report.skipped_identical)
     prompts, completions = enc.counts["data/truncated_prompts"], enc.counts["data/truncated_completions"]
     if prompts or completions:
-        fit = (
-            f"; {enc.cut_to_context} row(s) cut to fit the model's context of {context} positions"
-            if enc.cut_to_context
-            else ""
-        )
+        limits = f"algo.max_prompt_len={a.max_prompt_len}, algo.max_completion_len={a.max_completion_len}"
+        if enc.cut_to_context:
+            limits += f"; {enc.cut_to_context} row(s) cut to fit the model's context of {context} positions"
         warnings.warn(
-            f"data.{label}: truncated {int(prompts)} prompt(s) to algo.max_prompt_len={a.max_prompt_len} and "
-            f"{int(completions)} completion(s) to algo.max_completion_len={a.max_completion_len}{fit} "
-            "(counted in data/*)",
+            f"data.{label}: truncated {int(prompts)} prompt(s) and {int(completions)} completion(s) "
+            f"({limits}); counted in data/*, never dropped",
             RuntimeWarning,
             stacklevel=2,
         )
