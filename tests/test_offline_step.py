@@ -157,3 +157,22 @@ def test_encode_rows_counts_what_the_context_cut():
     assert enc.counts["data/truncated_completions"] == 1 and enc.counts["data/truncated_prompts"] == 0
     assert len(enc.prompts[0]) + len(enc.first[0]) == 64 and len(enc.second[0]) == 5
     assert enc.first[1] == [5, 2] and enc.second[1] == [6, 2]  # short rows as they were
+
+
+def test_offline_settings_are_the_yaml_keys_and_hold_no_defaults():
+    # settings written once: conf/loop/offline.yaml holds every default, the dataclasses the types
+    import dataclasses
+
+    import yaml
+
+    from rlx.data import DataSettings
+    from rlx.loops.offline import OfflineAlgoSettings
+    from tests.conftest import REPO
+
+    conf = yaml.safe_load((REPO / "conf" / "loop" / "offline.yaml").read_text())
+    algo = {f.name for f in dataclasses.fields(OfflineAlgoSettings)}
+    assert algo - {"name", "loss"} == set(conf["algo"])  # name and loss come from the preset
+    assert {f.name for f in dataclasses.fields(DataSettings)} == set(conf["data"])
+    for cls in (OfflineAlgoSettings, DataSettings):
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f.name
