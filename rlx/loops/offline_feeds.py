@@ -55,9 +55,11 @@ class Feed:
     packs: ClassVar[bool] = False  # algo.packing is allowed
 
     def __init__(self, policy: Any, loss: Resolved, *, max_len: int, precompute_ref: bool = False) -> None:
+        """``max_len``: the longest prompt + completion the model reads (the algo limits, capped by
+        its context); ``precompute_ref``: reference log-probs once, before training (pairs only)."""
         self.policy = policy  # a `Policy`, or a `RewardModelHandle`
         self.loss = loss
-        self.max_len = max_len  # the longest prompt + completion the model reads
+        self.max_len = max_len
 
     @classmethod
     def build_model(cls, ctx: LoopContext) -> tuple[Any, Policy]:
@@ -298,8 +300,9 @@ class RewardPairsFeed(Feed):
         return per_pair.sum() / norm, {k: float(v) / norm for k, v in m.items()}
 
     def eval_metrics(self, out: dict[str, float]) -> dict[str, float]:
-        out["eval/pair_accuracy"] = out.pop("eval/rm/accuracy")
-        out["eval/margin"] = out.pop("eval/rm/margin")
+        for old, new in (("eval/rm/accuracy", "eval/pair_accuracy"), ("eval/rm/margin", "eval/margin")):
+            if old in out:  # rm_pairwise's metrics; another reward-model loss may log others
+                out[new] = out.pop(old)
         return out
 
 
