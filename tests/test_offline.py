@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from rlx.data.encode import pad_batch
 from rlx.data.sort import write_sort_data
 from rlx.errors import RlxError
-from rlx.loops.offline import pad_batch
 from rlx.models import load_pretrained
 from rlx.tasks.sort import SortTask
 from rlx.train import build, plan, train
@@ -38,10 +38,13 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def initial_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
+def initial_weights(tmp_path_factory, sort_data) -> dict[str, torch.Tensor]:
+    # the policy as a run builds it (seeded), before any step
     run = tmp_path_factory.mktemp("init")
-    train(compose_cfg([*TINY_GPT, "task.eval_size=16", "trainer.steps=0", "logger=none"]), run_dir=run)
-    return load_file(run / "final" / "model.safetensors")
+    session = build(compose_cfg(["algo=sft", *OFFLINE, *data_args(sort_data, "sft")]), run_dir=run)
+    session.trainer.policy.save(run / "initial")
+    session.tracker.close()
+    return load_file(run / "initial" / "model.safetensors")
 
 
 EXPECTED = {
@@ -85,7 +88,7 @@ def test_sft_loss_covers_completion_tokens_only(tmp_path, sort_data):
     t = session.trainer
     # the completion mask covers the completion and its EOS, nothing of the prompt
     assert len(t.data.first[0]) == 4 + 1 and t.data.first[0][-1] == t.policy.eos_id
-    loss, _ = t.micro_loss(t.data, [0], None, norm=5.0)
+    loss, _ = t.feed.micro_loss(t.data, [0], None, norm=5.0)
     # by hand: one row, no padding; NLL of the 5 completion tokens from a plain forward pass
     ids = torch.tensor([t.data.prompts[0] + t.data.first[0]])
     with torch.no_grad():
@@ -110,8 +113,8 @@ def test_reward_model_score_does_not_depend_on_batch_padding(tmp_path, sort_data
     t = session.trainer
     t.data.texts[1].chosen = "0 1 2 3 4 5 6 7"  # a longer row: row 0 is padded in a batch with it
     with torch.no_grad():
-        alone_c, alone_r = t.rm_rewards(t.data, [0])
-        batch_c, batch_r = t.rm_rewards(t.data, [0, 1])
+        alone_c, alone_r = t.feed.rewards(t.data, [0])
+        batch_c, batch_r = t.feed.rewards(t.data, [0, 1])
     assert batch_c[0].item() == pytest.approx(alone_c.item(), abs=1e-5)
     assert batch_r[0].item() == pytest.approx(alone_r.item(), abs=1e-5)
     session.tracker.close()
@@ -180,7 +183,7 @@ def test_offline_trainer_state_round_trips(tmp_path, sort_data):
     assert (b.trainer.step, b.trainer.epoch, b.trainer.index) == (4, 1, 20) == (a.trainer.step, 1, 20)
     assert b.trainer.next_batch() == a.trainer.next_batch()  # the same batches from here on
     for (k, x), (_, y) in zip(
-        a.trainer.ref.model.state_dict().items(), b.trainer.ref.model.state_dict().items()
+        a.trainer.feed.ref.model.state_dict().items(), b.trainer.feed.ref.model.state_dict().items()
     ):
         assert torch.equal(x, y), k
     a.tracker.close()
@@ -195,8 +198,35 @@ def test_offline_bad_input_fails_in_plan(sort_data, tmp_path):
     with pytest.raises(RlxError, match=r"valid keys: beta, label_smoothing"):
         plan(compose_cfg(["algo=dpo", *OFFLINE, *data_args(sort_data, "pairs"), "+algo.loss.margin=1"]))
     with pytest.raises(RlxError, match=r"algo.packing is for algo=sft only"):
-        plan(compose_cfg(["algo=dpo", *OFFLINE, *data_args(sort_data, "pairs"), "+algo.packing=true"]))
+        plan(compose_cfg(["algo=dpo", *OFFLINE, *data_args(sort_data, "pairs"), "algo.packing=true"]))
     # an SFT file given to DPO: the missing columns are named
     cfg = compose_cfg(["algo=dpo", *OFFLINE, f"data.train={sort_data['sft_train']}"])
     with pytest.raises(RlxError, match=r"missing chosen \(column 'chosen'\), rejected"):
         build(cfg, run_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "rm"])
+def test_a_row_longer_than_the_context_is_cut_not_a_crash(algo, tmp_path, sort_data):
+    # issue 14: one 70-token completion on tiny_gpt (64 positions) was an IndexError in the position
+    # embedding; algo.max_completion_len (512) is not the limit that matters, the model's context is
+    kind = "sft" if algo == "sft" else "pairs"
+    lines = sort_data[f"{kind}_train"].read_text().splitlines()[:7]
+    long = " ".join(str(i % 10) for i in range(70))
+    row = {"prompt": "3 1 0 2", "completion": long} if kind == "sft" else {}
+    if kind == "pairs":
+        row = {"prompt": "3 1 0 2", "chosen": long, "rejected": "0 1 2 3"}
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join([json.dumps(row), *lines]) + "\n")
+    cfg = compose_cfg(
+        [f"algo={algo}", *OFFLINE, f"data.train={path}", f"data.eval={path}", "trainer.steps=1"]
+    )
+    with pytest.warns(RuntimeWarning, match="1 row\\(s\\) cut to fit the model's context of 64 positions"):
+        summary = train(cfg, run_dir=tmp_path / "run")
+    report = rows(tmp_path / "run")[0]
+    assert report["data/rows"] == 8 and report["data/truncated_completions"] == 1
+    assert report["eval_data/truncated_completions"] == 1 and report["data/truncated_prompts"] == 0
+    assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float))
+    session = build(cfg, run_dir=tmp_path / "built")
+    data = session.trainer.data
+    assert max(len(p) + len(c) for p, c in zip(data.prompts, data.first)) == 64  # filled, not over
+    session.tracker.close()

@@ -149,10 +149,10 @@ def test_preference_losses_are_finite_and_sft_ignores_masked_positions(b, beta, 
     for name in PREFERENCE_LOSSES.names():
         entry = PREFERENCE_LOSSES.get(name)
         inputs = entry.meta.get("inputs")
-        if inputs == "pair_logp":
-            extra = scores if name == "spo" else {}
+        if inputs in ("pairs", "scored_pairs"):
+            extra = scores if inputs == "scored_pairs" else {}
             loss, metrics = entry.fn(*seq, **kwargs.get(name, {}), **extra)
-        elif inputs == "pair_reward":
+        elif inputs == "reward_pairs":
             loss, metrics = entry.fn(seq[0] / 10, seq[1] / 10, margin=eps)
         else:
             loss, metrics = entry.fn(b["logp"], mask)

@@ -41,6 +41,44 @@ DOLLY_COLUMNS = {"prompt": "instruction", "context": "context", "completion": "r
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+@dataclass
+class DataSettings:
+    """``data.*``: the offline loop's dataset (defaults in conf/loop/offline.yaml)."""
+
+    train: str | None  # ??? until set: the offline loop's plan asks for it, naming the rows it needs
+    eval: str | None
+    split: str
+    eval_split: str
+    format: str
+    columns: dict[str, Any]
+    limit: int | None
+    eval_limit: int | None
+
+    def check(self) -> None:
+        if self.format not in ("auto", "trl", "dolly"):
+            raise RlxError(f"data.format={self.format!r}; one of auto, trl, dolly")
+        if not isinstance(self.columns, Mapping):
+            raise RlxError(f"data.columns must be a mapping of rlx name -> column, got {self.columns!r}")
+        for key in ("limit", "eval_limit"):
+            n = getattr(self, key)
+            if n is not None and n < 1:
+                raise RlxError(f"data.{key} must be >= 1 or null, got {n}")
+        for key in ("train", "eval"):
+            source = getattr(self, key)
+            if source not in (None, "", "???") and _local_missing(str(source)):
+                raise RlxError(f"data.{key}={source}: no such file")
+
+    @property
+    def has_train(self) -> bool:
+        return self.train not in (None, "", "???")
+
+
+def _local_missing(source: str) -> bool:
+    p = Path(source).expanduser()
+    local = p.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
+    return local and not p.exists()
+
+
 def dolly_prompt(instruction: str, context: str | None = None) -> str:
     """Dolly-15k's instruction template (as used to train dolly-v2), with the context when present."""
     head = (

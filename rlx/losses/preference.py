@@ -3,15 +3,19 @@
 A separate registry (`PREFERENCE_LOSSES`) from the online loop's policy losses, so ``conf/loss/*`` is
 untouched; the offline presets name their loss in ``algo.loss`` (``algo.loss.beta=0.3``).
 
-Each registered function declares what it consumes with ``inputs=``:
+Each registered function declares what it consumes with ``inputs=`` (one of `INPUTS`), and the
+offline loop picks how to feed it from that declaration alone (`rlx.loops.offline_feeds`):
 
-- ``"pair_logp"``: ``(logp_chosen, logp_rejected, ref_chosen, ref_rejected) -> (loss [B], metrics)``
-  where each argument is a *sequence* log-prob ``[B]`` (the masked sum of completion-token log-probs,
-  ALGORITHMS.md "Preference and supervised losses"); scores of scored pairs arrive as keyword-only data
-  (``score_chosen``, ``score_rejected``).
-- ``"pair_reward"``: ``(reward_chosen, reward_rejected) -> (loss [B], metrics)`` for a reward model.
-- ``"token_logp"``: ``(logp [N, T], mask [N, T]) -> (per_token_loss [N, T], metrics)``; aggregation is
-  the separate `rlx.losses.aggregation` step.
+- ``"completions"``: ``(logp [N, T], mask [N, T]) -> (per_token_loss [N, T], metrics)`` on prompt ->
+  completion rows (SFT); aggregation is the separate `rlx.losses.aggregation` step.
+- ``"pairs"``: ``(logp_chosen, logp_rejected, ref_chosen, ref_rejected) -> (loss [B], metrics)`` on
+  prompt/chosen/rejected rows, each argument a *sequence* log-prob ``[B]`` (the masked sum of
+  completion-token log-probs, ALGORITHMS.md "Preference and supervised losses") of the policy or the
+  frozen reference.
+- ``"scored_pairs"``: as ``"pairs"``, plus the rows' scores as keyword-only data (``score_chosen``,
+  ``score_rejected`` ``[B]``).
+- ``"reward_pairs"``: ``(reward_chosen, reward_rejected) -> (loss [B], metrics)``: a reward model's
+  scalar scores of the two answers (the model being trained is a reward model, not a policy).
 
 Pair losses return one loss per pair; the loop averages them over the whole minibatch (dividing by
 the minibatch's pair count, so micro-batches give the unsplit minibatch's gradient). Metrics are
@@ -27,6 +31,8 @@ from torch import Tensor
 from rlx.registry import Registry
 
 PREFERENCE_LOSSES = Registry("offline loss", ["rlx.losses.preference"])
+# h10o hook: the declared inputs (were token_logp | pair_logp | pair_reward plus a signature sniff)
+INPUTS = ("completions", "pairs", "scored_pairs", "reward_pairs")
 
 
 def _pair_metrics(chosen_reward: Tensor, rejected_reward: Tensor) -> dict[str, Tensor]:
@@ -40,7 +46,7 @@ def _pair_metrics(chosen_reward: Tensor, rejected_reward: Tensor) -> dict[str, T
     }
 
 
-@PREFERENCE_LOSSES.register("dpo", inputs="pair_logp")
+@PREFERENCE_LOSSES.register("dpo", inputs="pairs")
 def dpo_loss(
     logp_chosen: Tensor,
     logp_rejected: Tensor,
@@ -69,7 +75,7 @@ def dpo_loss(
     return loss, _pair_metrics(chosen_reward, rejected_reward)
 
 
-@PREFERENCE_LOSSES.register("ipo", inputs="pair_logp")
+@PREFERENCE_LOSSES.register("ipo", inputs="pairs")
 def ipo_loss(
     logp_chosen: Tensor,
     logp_rejected: Tensor,
@@ -93,7 +99,7 @@ def ipo_loss(
     return loss, _pair_metrics(beta * (logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected))
 
 
-@PREFERENCE_LOSSES.register("spo", inputs="pair_logp")
+@PREFERENCE_LOSSES.register("spo", inputs="scored_pairs")
 def spo_loss(
     logp_chosen: Tensor,
     logp_rejected: Tensor,
@@ -128,7 +134,7 @@ def spo_loss(
     return loss, metrics
 
 
-@PREFERENCE_LOSSES.register("rm_pairwise", inputs="pair_reward")
+@PREFERENCE_LOSSES.register("rm_pairwise", inputs="reward_pairs")
 def rm_pairwise_loss(
     reward_chosen: Tensor, reward_rejected: Tensor, *, margin: float = 0.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -148,7 +154,7 @@ def rm_pairwise_loss(
     }
 
 
-@PREFERENCE_LOSSES.register("sft_nll", inputs="token_logp")
+@PREFERENCE_LOSSES.register("sft_nll", inputs="completions")
 def sft_nll_loss(logp: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Supervised fine-tuning: the negative log-likelihood of completion tokens only.
 

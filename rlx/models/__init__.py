@@ -23,7 +23,15 @@ from rlx.models.toy_sort import ToySortConfig, ToySortModel
 from rlx.registry import instantiate_checked
 from rlx.tasks import Task
 
-__all__ = ["Policy", "Sampling", "build_model", "build_reward_model", "load_pretrained", "token_logp"]
+__all__ = [
+    "Policy",
+    "Sampling",
+    "build_model",
+    "build_reward_model",
+    "context_length",
+    "load_pretrained",
+    "token_logp",
+]
 
 hf_logging.disable_progress_bar()  # rlx shows its own progress; HF's bars would interleave
 
@@ -108,6 +116,17 @@ def build_tiny_gpt(
         raise RlxError(f"model.n_positions={n_positions} is too small for {needed} tokens")
     cfg = tiny_gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions)
     return Policy(GPT2LMHeadModel(cfg), tokenizer, task, "tiny_gpt")
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions ``model`` reads (``n_positions`` for GPT-2, ``max_position_embeddings`` for
+    most others), or None when its config names no limit (rlx's toy models)."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def build_model(node: dict[str, Any], task: Task) -> Policy:

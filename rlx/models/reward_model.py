@@ -14,6 +14,7 @@ without special tokens, then EOS. Training (``algo=rm``) and scoring (``reward=m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,26 @@ from transformers import (
 
 from rlx.errors import RlxError
 from rlx.models.tokenizer import tiny_gpt2_config
+
+
+class RewardModelHandle:
+    """A sequence-classification reward model being trained (``algo=rm``) and its tokenizer; saves as
+    a ``save_pretrained`` directory, as a `Policy` does."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def save(self, path: str | Path) -> None:
+        self.model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
 
 
 def encode_for_reward(
