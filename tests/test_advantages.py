@@ -94,3 +94,31 @@ def test_group_size_must_divide_the_batch():
 
 def test_frac_zero_std_groups():
     assert frac_zero_std_groups(R, 3) == 0.5
+
+
+def test_reinforce_pp_is_the_per_token_return_whitened_over_the_batch():
+    """REINFORCE++ (Hu 2025) by hand: returns of the shaped token rewards, then batch whitening."""
+    fn = ADVANTAGES.get("reinforce_pp").fn
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # outcome 1.0 on the last real token of row 0, -beta*KL on every token; row 1 a process reward
+    rewards = torch.tensor([[-0.1, -0.2, 0.9], [0.0, 0.5, 0.0]])
+    returns = [0.6, 0.7, 0.9, 0.5, 0.5]  # sum of the rewards from t on (gamma = 1), real tokens
+    mean = sum(returns) / 5  # 0.64
+    std = (sum((r - mean) ** 2 for r in returns) / 4) ** 0.5  # unbiased, 0.167332
+    want = torch.tensor([[0.6, 0.7, 0.9], [0.5, 0.5, mean]]) - mean
+    adv = fn(rewards, 1, mask)
+    assert torch.allclose(adv, want / std * mask, atol=1e-5)
+    assert adv[1, 2] == 0 and not adv.requires_grad
+    # a discount: row 0's first return is -0.1 + 0.5 * (-0.2 + 0.5 * 0.9) = 0.025
+    half = fn(rewards, 1, mask, gamma=0.5)
+    r = [0.025, 0.25, 0.9, 0.25, 0.5]
+    m = sum(r) / 5
+    s = (sum((x - m) ** 2 for x in r) / 4) ** 0.5
+    assert half[0, 0].item() == pytest.approx((0.025 - m) / s, rel=1e-4)
+
+
+def test_gae_needs_values_and_reads_token_rewards():
+    entry = ADVANTAGES.get("gae")
+    assert entry.meta["needs"] == ("values",) and entry.meta["token_rewards"]
+    assert ADVANTAGES.get("reinforce_pp").meta["token_rewards"]
+    assert "needs" not in ADVANTAGES.get("group_std").meta

@@ -190,3 +190,23 @@ def test_seed_000_walkthrough_positive_advantage_raises_chosen_tokens():
 def test_seed_000_walkthrough_negative_advantage_lowers_chosen_tokens():
     before, after = _walkthrough(-0.4)
     assert all(a < b for a, b in zip(after, before))
+
+
+def test_gspo_uses_the_length_normalised_sequence_ratio_clipped_per_sequence():
+    """GSPO (Zheng et al. 2025) by hand: s_i = exp(mean_t(logp - old_logp)), clipped per sequence."""
+    gspo = POLICY_LOSSES.get("gspo").fn
+    old = torch.tensor([[-1.0, -2.0], [-1.5, -0.7]])
+    logp = (old + torch.tensor([[0.1, -0.3], [0.2, 0.0]])).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, metrics = gspo(logp, old, adv, mask)
+    s0, s1 = math.exp(-0.1), math.exp(0.2)  # sequence 1 has one real token
+    assert loss[0].tolist() == pytest.approx([-s0, -s0], rel=1e-6)  # s0 < 1 - eps: min picks s0 * A
+    assert loss[1, 0].item() == pytest.approx(-(1 + 4e-4), rel=1e-6)  # s1 > 1 + eps_high: clipped
+    assert metrics["clip_frac"].item() == pytest.approx(0.5)
+    agg = AGGREGATIONS.get("seq_mean_token_mean").fn(loss, mask)
+    agg.backward()
+    # (1/2) * L_0 with dL_0/dlogp_t = -A * s0 / |y_0|; the clipped sequence gives no gradient
+    assert logp.grad[0].tolist() == pytest.approx([-s0 / 4, -s0 / 4], rel=1e-5)
+    assert logp.grad[1].tolist() == [0.0, 0.0]
+    assert s1 > 1 + 4e-4
