@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.rlx-installed
 
-.PHONY: install run test lint format quality rlhf-sort clean
+.PHONY: install run test test-fast lint format quality rlhf-sort clean
 
 install: $(STAMP)
 
@@ -32,6 +32,17 @@ run: install
 test: install
 	$(BIN)/ruff check rlx tests scripts
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The edit-test loop: the math, the registries, the settings, the import structure and the update
+# stages on hand-built batches (no training runs, no subprocesses but one).
+FAST_TESTS := tests/test_advantages.py tests/test_kl.py tests/test_losses.py tests/test_ppo_math.py \
+	tests/test_preference_losses.py tests/test_properties.py tests/test_registry.py tests/test_rewards.py \
+	tests/test_settings.py tests/test_imports.py tests/test_update.py tests/test_offline_step.py \
+	tests/test_sort_task.py
+
+test-fast: install
+	$(BIN)/ruff check rlx tests scripts
+	$(BIN)/python -m pytest -q $(FAST_TESTS) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check rlx tests scripts

@@ -86,3 +86,26 @@ def test_trpo_trains_checkpoints_and_round_trips(tmp_path):
     assert b.trainer.step == 1
     a.tracker.close()
     b.tracker.close()
+
+
+def test_trpo_with_a_separate_critic_fits_it_on_gae_returns(tmp_path):
+    """The same loop with algo.update=trpo and a critic: GAE advantages, the critic regressed after
+    the policy's natural-gradient step (Schulman et al. 2016's TRPO + GAE)."""
+    cfg = compose_cfg(["algo=trpo", "algo.critic=separate", "adv_norm=gae", *TINY, "logger=none"])
+    train(cfg, run_dir=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "trpo/step_size" in r]
+    assert len(logged) == 2 and {"loss/value", "value/explained_variance", "trpo/kl"} <= set(logged[0])
+    assert logged[0]["value/mean"] == 0.0 and logged[1]["value/mean"] != 0.0  # the critic learned
+    assert logged[0]["trpo/step_size"] > 0
+    assert (tmp_path / "final" / "critic" / "value_head.safetensors").is_file()
+
+
+def test_trpo_refuses_a_value_head_on_the_trunk_it_moves():
+    from rlx.errors import RlxError
+    from rlx.train import plan
+
+    with pytest.raises(RlxError, match=r"use algo\.critic=separate"):
+        plan(compose_cfg(["algo=trpo", "algo.critic=head", "adv_norm=gae", *TINY]))
+    with pytest.raises(RlxError, match="needs the critic's values"):
+        plan(compose_cfg(["algo=trpo", "adv_norm=gae", *TINY]))
