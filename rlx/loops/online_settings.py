@@ -106,12 +106,19 @@ class OnlinePlan:
 def plan_online(p: Plan) -> OnlinePlan:
     """Check the online loop's settings and bind its pieces (reward, advantages, loss, KL, update)."""
     c, t = p.cfg, p.trainer
-    update = UPDATES.get(str(c["algo"].get("update", "sgd")))
+    keys_of = {name: _fields(UPDATES.get(name).meta.get("settings")) for name in UPDATES.names()}
+    every_update_key = tuple(k for keys in keys_of.values() for k in keys)
+    algo = read_settings(OnlineAlgoSettings, c["algo"], where="algo", ignore=every_update_key)
+    update = UPDATES.get(algo.update)
+    stray = sorted(k for k in c["algo"] if k in every_update_key and k not in keys_of[update.name])
+    require(
+        not stray, f"algo: {', '.join(stray)} belong to another update rule than algo.update={algo.update}"
+    )
     update_cls = update.meta.get("settings")
-    update_keys = tuple(f.name for f in update_cls.__dataclass_fields__.values()) if update_cls else ()
-    algo = read_settings(OnlineAlgoSettings, c["algo"], where="algo", ignore=update_keys)
     update_settings = (
-        read_settings(update_cls, {k: c["algo"][k] for k in update_keys if k in c["algo"]}, where="algo")
+        read_settings(
+            update_cls, {k: c["algo"][k] for k in keys_of[update.name] if k in c["algo"]}, where="algo"
+        )
         if update_cls
         else None
     )
@@ -176,3 +183,7 @@ def plan_online(p: Plan) -> OnlinePlan:
         reward=reward, advantage=advantage, policy_loss=policy_loss, aggregation=aggregation, kl=kl
     )
     return OnlinePlan(algo, update_settings, kl_settings, pieces)
+
+
+def _fields(cls: Any) -> tuple[str, ...]:
+    return tuple(cls.__dataclass_fields__) if cls is not None else ()
