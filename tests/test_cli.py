@@ -62,7 +62,7 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
     assert res.returncode == 2
     assert (
         res.stderr.strip() == "rlx: error: unknown algo 'nope'; choose from: "
-        "dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, spo, trpo"
+        "dapo, dpo, dr_grpo, grpo, gspo, ipo, ppo, reinforce, reinforce_pp, rloo, rm, sft, spo, trpo"
     )
     assert "Traceback" not in res.stderr
 
@@ -71,7 +71,7 @@ def test_help_and_cfg_job_work_from_any_directory(tmp_path):
     res = run_rlx("train", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     for group in (
-        "algo: dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, spo, trpo",
+        "algo: dapo, dpo, dr_grpo, grpo, gspo, ipo, ppo, reinforce, reinforce_pp, rloo, rm, sft, spo, trpo",
         "adv_norm:",
         "experiment: baby_rlhf, lecture_sort, rlhf_sort",
     ):
