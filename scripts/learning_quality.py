@@ -17,6 +17,8 @@ Suites:
   ppo          rlx train algo=ppo reward=sort|sort_tokens beside algo=grpo: eval/exact on the same
                wall-time budget (300 s / 180 s)
   trpo         rlx train algo=trpo reward=sort: accuracy reached and seconds per iteration
+  extension    rlx train algo=reinforce_pp|gspo reward=sort beside algo=grpo: the presets added as one
+               function + YAML each (goal as sort: eval/exact >= 0.95 within 300 s)
   baby_rlhf    rlx train experiment=baby_rlhf     goal: reward/mean >= 0.95 per token within 60 s
   lecture      rlx train experiment=lecture_sort adv_norm=none|center|group_std, against the
                lecture's plateaus (2.67, 3.33, 3.33 of 5), and rlx's defaults on the same prompts
@@ -108,6 +110,10 @@ def cases() -> list[Case]:
                 goal=0.95,
                 budget_s=budget,
             )
+        )
+    for algo in ("reinforce_pp", "gspo", "grpo"):
+        out.append(
+            Case("extension", f"{algo} sort", [f"algo={algo}", "reward=sort"], goal=0.95, budget_s=300)
         )
     out.append(
         Case(
@@ -272,7 +278,8 @@ def main() -> None:
     parser.add_argument(
         "--suite",
         default="all",
-        help="sort, sort_tokens, ablation, ppo, trpo, baby_rlhf, lecture, rlhf or all (comma-separated)",
+        help="sort, sort_tokens, ablation, ppo, extension, trpo, baby_rlhf, lecture, rlhf or all "
+        "(comma-separated)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--out", default="outputs/quality", help="where runs and results.json go")
