@@ -15,8 +15,8 @@ from tests.conftest import REPO, TINY, compose_cfg, run_rlx
 BAD_INPUT = [
     (
         ["algo=nope"],
-        "unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, "
-        "spo, trpo",
+        "unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, gspo, ipo, ppo, reinforce, "
+        "reinforce_pp, rloo, rm, sft, spo, trpo",
     ),
     (["model=gpt9"], "unknown model 'gpt9'; choose from: hf, tiny_gpt, tiny_policy, toy_sort"),
     (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
@@ -107,6 +107,8 @@ def test_every_option_of_every_group_composes_and_plans(tmp_path):
             overrides = [f"{group}={option}"]
             if (group, option) == ("reward", "custom"):
                 overrides.append("reward.fn=tests.rewards_for_tests:length")
+            if (group, option) == ("adv_norm", "gae"):  # GAE needs a critic's values
+                overrides += ["algo.critic=head", "kl.placement=reward"]
             if (group, option) == ("reward", "model"):
                 overrides.append(f"reward.path={tmp_path}")
             if group == "algo" and option in ("sft", "rm", "dpo", "ipo", "spo"):  # offline: need data

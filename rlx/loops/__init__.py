@@ -69,9 +69,8 @@ class TrainerSettings:
             self.prompts_per_step >= 1, f"trainer.prompts_per_step must be >= 1, got {self.prompts_per_step}"
         )
         require(self.group_size >= 1, f"trainer.group_size must be >= 1, got {self.group_size}")
-        require(
-            self.lr > 0 and math.isfinite(self.lr), f"trainer.lr must be positive and finite, got {self.lr}"
-        )
+        require(self.lr > 0, f"trainer.lr must be positive, got {self.lr}")
+        require(math.isfinite(self.lr), f"trainer.lr must be finite, got {self.lr}")
         require(
             0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
         )
