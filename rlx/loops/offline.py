@@ -40,13 +40,17 @@ from rlx.errors import require
 from rlx.evaluate import evaluate
 from rlx.loops import LOOPS, LoopContext, Plan
 from rlx.loops.offline_feeds import FEEDS, Feed, Items, offline_step
+from rlx.loops.online_settings import OnlineAlgoSettings
 from rlx.losses.preference import PREFERENCE_LOSSES
 from rlx.models import context_length
 from rlx.registry import Resolved
 from rlx.rewards import REWARDS
 from rlx.runtime import dist_rank
 from rlx.settings import read_settings
+
 from rlx.tracking import LiveProgress, Tracker, console
+
+ONLINE_ALGO_KEYS = tuple(OnlineAlgoSettings.__dataclass_fields__)
 
 
 @dataclass
@@ -87,7 +91,9 @@ class OfflinePlan:
 
 def plan_offline(p: Plan) -> OfflinePlan:
     """Check the offline loop's settings and bind its loss; reads no data and builds no model."""
-    a = read_settings(OfflineAlgoSettings, p.cfg["algo"], where="algo")
+    # An experiment that spans both loops (experiment=rlhf_sort) may set the online loop's algo keys
+    # for its RL stages; the offline stages leave them to it. Anything else unknown is refused.
+    a = read_settings(OfflineAlgoSettings, p.cfg["algo"], where="algo", ignore=ONLINE_ALGO_KEYS)
     d = read_settings(DataSettings, p.cfg.get("data"), where="data")
     require(bool(a.loss), f"algo={a.name} (offline loop) needs algo.loss")
     loss = PREFERENCE_LOSSES.resolve(a.loss, where="algo.loss")
