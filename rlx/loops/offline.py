@@ -47,7 +47,6 @@ from rlx.registry import Resolved
 from rlx.rewards import REWARDS
 from rlx.runtime import dist_rank
 from rlx.settings import read_settings
-
 from rlx.tracking import LiveProgress, Tracker, console
 
 ONLINE_ALGO_KEYS = tuple(OnlineAlgoSettings.__dataclass_fields__)
