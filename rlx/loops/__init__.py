@@ -60,6 +60,7 @@ class TrainerSettings:
     resume: str | None
     on_nonfinite: str
     max_nonfinite: int
+    threads: int | str = "auto"  # h12: torch's CPU threads (rlx.train.apply_threads)
 
     def check(self) -> None:
         from transformers import SchedulerType
@@ -90,6 +91,10 @@ class TrainerSettings:
         require(self.keep_checkpoints >= 0, "trainer.keep_checkpoints must be >= 0")
         require(self.samples_every >= 0, f"trainer.samples_every must be >= 0, got {self.samples_every}")
         NonFiniteGuard(self.on_nonfinite, self.max_nonfinite)  # checks both values
+        require(  # h12
+            self.threads == "auto" or (isinstance(self.threads, int) and self.threads >= 0),
+            f"trainer.threads must be auto, 0 (= auto) or a positive number, got {self.threads!r}",
+        )
 
 
 @dataclass
