@@ -29,6 +29,9 @@ import torch
 
 from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.registry import Registry
+from rlx.startup import import_transformers_without_peft
+
+import_transformers_without_peft()  # h12: before rlx.loops.optim imports transformers' schedulers
 
 if TYPE_CHECKING:
     from rlx.models import Policy, Sampling
