@@ -332,16 +332,18 @@ def _save_for_inspection(session: Session) -> Path:
 
 
 def _finish(session: Session) -> None:
-    """Final model, reward curve and artifacts."""
-    from rlx.plots import reward_curve
-
+    """Final model, reward curve (when there are iterations to draw: h12, a run with trainer.steps=0
+    does not pay for importing matplotlib) and artifacts."""
     c, run_dir, tracker = session.plan.cfg, session.run_dir, session.tracker
     final_dir = run_dir / "final"
     save_model_dir(final_dir, session.trainer.policy, session.config_yaml)
-    title = f"algo={c['algo'].get('name')} model={c['model'].get('name')} reward={c['reward'].get('name')}"
-    png = reward_curve(tracker.history, run_dir / "reward_curve.png", title)
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
         tracker.log_artifact(run_dir / name)
-    tracker.log_artifact(png)
+    if session.trainer.step > 0:
+        from rlx.plots import reward_curve
+
+        algo, model, reward = (c[k].get("name") for k in ("algo", "model", "reward"))
+        title = f"algo={algo} model={model} reward={reward}"
+        tracker.log_artifact(reward_curve(tracker.history, run_dir / "reward_curve.png", title))
     if c["logger"].get("log_model", True):
         tracker.log_artifact(final_dir, "model")
