@@ -1,6 +1,6 @@
 """rlx against TRL's GRPOTrainer, side by side, on identical work (issue 12). `make bench` runs it.
 
-    python scripts/bench.py [--rows toy,real_vocab] [--reps 3] [--out outputs/bench]
+    python scripts/bench.py [--rows toy,real_vocab] [--reps 3] [--reps-real N] [--out outputs/bench]
 
 Rows (the same model config, prompts, sampling settings and batch for both; beta 0, one optimizer
 step per batch, logging, evaluation and saving off inside the timed window):
@@ -93,18 +93,26 @@ def build_toy(root: Path) -> dict:
 
 def build_real_vocab(root: Path, prompt_len: int) -> dict:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     d = root / "real_vocab"
     if (d / "ready").exists():
         return json.loads((d / "ready").read_text())
-    specials = ["<pad>", "<eos>"]
-    vocab = {s: i for i, s in enumerate(specials)}
-    for i in range(VOCAB - len(specials)):
-        vocab[f"w{i}"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # A byte-level BPE with VOCAB entries (what AutoTokenizer loads as Qwen2's tokenizer): the two
+    # specials, the 256 byte symbols, then filler tokens; no merges, so a prompt of 32 letters is 32
+    # tokens for both frameworks.
+    vocab = {"<pad>": 0, "<eos>": 1}
+    for ch in bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    i = 0
+    while len(vocab) < VOCAB:
+        vocab[f"\u0120t{i}"] = len(vocab)
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left"
     )
@@ -128,8 +136,8 @@ def build_real_vocab(root: Path, prompt_len: int) -> dict:
     rng = random.Random(0)
     with (d / "prompts.jsonl").open("w") as f:
         for _ in range(512):
-            words = [f"w{rng.randrange(VOCAB - 2)}" for _ in range(prompt_len)]
-            f.write(json.dumps({"prompt": " ".join(words)}) + "\n")
+            letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(prompt_len))
+            f.write(json.dumps({"prompt": letters}) + "\n")
     info = {"model": str(d / "model")}
     (d / "ready").write_text(json.dumps(info))
     return info
@@ -354,9 +362,18 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "trl":
         trl_main(sys.argv[2:])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare":
+        rows, root, threads = sys.argv[2].split(","), Path(sys.argv[3]), int(sys.argv[4])
+        if "toy" in rows:
+            build_toy(root)
+        if any(r.startswith("real_vocab") for r in rows):
+            build_real_vocab(root, ROWS["real_vocab"]["prompt_len"])
+        print(matmul_gflops(threads))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="toy,real_vocab")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps-real", type=int, default=None, help="repetitions of the real_vocab rows (--reps)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="outputs/bench")
     ap.add_argument("--frameworks", default="rlx,trl")
@@ -369,14 +386,22 @@ def main() -> None:
     for row in rows:
         if row not in ROWS:
             raise SystemExit(f"bench: unknown row {row!r}; choose from {', '.join(ROWS)}")
-    build_toy(root) if "toy" in rows else None
-    if any(r.startswith("real_vocab") for r in rows):
-        build_real_vocab(root, ROWS["real_vocab"]["prompt_len"])
-    peak = matmul_gflops(args.threads)
+    # The models, data and the matmul peak come from a child process: this one stays free of torch, so
+    # the children's peak RSS (which Linux carries over from the parent at fork) is their own.
+    prep = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "prepare", ",".join(rows), str(root), str(args.threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+    )
+    peak = float(prep.stdout.strip().splitlines()[-1])
     print(f"fp32 matmul peak here: {peak:.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
     raw: dict[str, dict[str, list[dict]]] = {r: {f: [] for f in frameworks} for r in rows}
     for rep in range(args.reps):  # interleaved: every row and framework once per repetition
         for row in rows:
+            if row.startswith("real_vocab") and args.reps_real is not None and rep >= args.reps_real:
+                continue
             for fw in frameworks:
                 raw[row][fw].append(measure(fw, row, root, out, rep, args.threads))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads}

@@ -98,7 +98,12 @@ def test_sampling_keeps_no_full_vocabulary_logits_and_records_exact_logp():
     assert torch.allclose(token_logp(logits, tokens, 0.8) * comp_mask, logp, atol=1e-5)
 
 
-def test_chunked_logp_and_entropy_equal_the_full_log_softmax():
+def test_chunked_logp_and_entropy_equal_the_full_log_softmax(monkeypatch):
+    import rlx.losses.entropy
+    import rlx.models.policy
+
+    monkeypatch.setattr(rlx.models.policy, "CHUNK_ELEMENTS", 400)  # 2-3 rows of [3, 50] per chunk
+    monkeypatch.setattr(rlx.losses.entropy, "CHUNK_ELEMENTS", 400)
     torch.manual_seed(0)
     logits = torch.randn(11, 3, 50, requires_grad=True)
     tokens = torch.randint(0, 50, (11, 3))

@@ -5,22 +5,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_ROWS = 4  # rows of [T, V] logits per step: one float32 chunk alive, never a full [N, T, V] copy
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (whole [T, V] rows): never a full [N, T, V] float32 copy
 
 
 def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """H_t = -sum_v p_v log p_v of the temperature-scaled policy, ``[N, T, V] -> [N, T]`` (float32).
 
-    Computed ``CHUNK_ROWS`` rows at a time as ``logsumexp(z) - sum_v p_v z_v`` with ``z = logits / tau``,
-    so no full-vocabulary ``log_softmax`` copy of the whole batch is made; with gradient when the
-    entropy bonus needs it.
+    Computed a few rows at a time (at most `CHUNK_ELEMENTS` logits) as ``logsumexp(z) - sum_v p_v z_v``
+    with ``z = logits / tau``, so no full-vocabulary ``log_softmax`` copy of the whole batch is made;
+    with gradient when the entropy bonus needs it.
     """
-    if logits.dim() >= 3 and logits.shape[0] > CHUNK_ROWS:
+    rows = max(CHUNK_ELEMENTS // max(logits[0].numel(), 1), 1) if len(logits) else 1
+    if logits.dim() >= 3 and logits.shape[0] > rows:
         return torch.cat(
-            [
-                token_entropy(logits[i : i + CHUNK_ROWS], temperature)
-                for i in range(0, len(logits), CHUNK_ROWS)
-            ]
+            [token_entropy(logits[i : i + rows], temperature) for i in range(0, len(logits), rows)]
         )
     z = logits.float()
     if temperature != 1.0:

@@ -42,9 +42,16 @@ class Sampling:
     max_new_tokens: int | None = None
 
 
-# Rows of [T, V] logits handled at once by `token_logp` / `token_entropy`: one float32 copy of a chunk
-# (at V = 151936 and T = 64, 39 MB a row) instead of one of the whole [N, T, V] tensor.
-LOGP_CHUNK_ROWS = 4
+# Elements of logits handled at once by `token_logp` / `token_entropy` (whole rows of [T, V]): one
+# float32 copy of a chunk of at most 64 MB (at V = 151936 and T = 64, one row is 39 MB) instead of one of
+# the whole [N, T, V] tensor; small vocabularies go in one piece (many tiny ops cost more than they save).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(logits: Tensor) -> int:
+    """Rows of ``logits`` ``[N, ..., V]`` per chunk: as many as fit in `CHUNK_ELEMENTS`, at least one."""
+    per_row = max(logits[0].numel(), 1) if len(logits) else 1
+    return max(CHUNK_ELEMENTS // per_row, 1)
 
 
 def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -54,11 +61,12 @@ def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tens
     only, never a full ``log_softmax`` copy of the logits (TRL's ``selective_log_softmax``). Gradients
     flow through it (the update calls it on the training forward's logits).
     """
-    if logits.dim() == tokens.dim() + 1 and logits.dim() >= 3 and logits.shape[0] > LOGP_CHUNK_ROWS:
+    rows = chunk_rows(logits)
+    if logits.dim() == tokens.dim() + 1 and logits.dim() >= 3 and logits.shape[0] > rows:
         return torch.cat(
             [
-                token_logp(logits[i : i + LOGP_CHUNK_ROWS], tokens[i : i + LOGP_CHUNK_ROWS], temperature)
-                for i in range(0, logits.shape[0], LOGP_CHUNK_ROWS)
+                token_logp(logits[i : i + rows], tokens[i : i + rows], temperature)
+                for i in range(0, logits.shape[0], rows)
             ]
         )
     scaled = logits.float()
