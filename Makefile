@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.rlx-installed
 
-.PHONY: install run test test-fast lint format quality rlhf-sort clean
+.PHONY: install run test test-fast lint format quality bench rlhf-sort clean
 
 install: $(STAMP)
 
@@ -59,6 +59,13 @@ format: install
 # Learning-quality figures quoted in the README (minutes each; not part of `make test`).
 quality: install
 	$(BIN)/python scripts/learning_quality.py $(ARGS)
+
+# rlx against TRL's GRPOTrainer on identical work (the toy and real-vocabulary rows; minutes to an hour on
+# a CPU): installs the `bench` extra (TRL), then writes outputs/bench/results.json and results.md.
+#   make bench ARGS="--rows toy --reps 5"
+bench: install
+	$(PIP) install --quiet -e ".[bench]" "$(TORCH_SPEC)"
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 # The RLHF pipeline on the sort task (experiment=rlhf_sort): data -> SFT -> reward model -> RL on the
 # reward model with KL to the SFT model -> rlx eval; and DPO from the same SFT model on the same pairs.

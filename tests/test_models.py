@@ -50,8 +50,7 @@ def test_left_padded_prompts_score_like_unpadded_ones():
     policy = build_tiny_gpt(TASK, n_layer=1, n_embd=32, n_head=2)
     ids, mask = policy.encode([[1, 2, 3, 4], [5, 6]])  # the second prompt is left-padded
     assert mask[1].tolist() == [0, 0, 1, 1, 1, 1]
-    tokens, comp_mask, logits = policy.generate(ids, mask, Sampling())
-    gen = token_logp(logits, tokens) * comp_mask
+    tokens, comp_mask, gen = policy.generate(ids, mask, Sampling())  # log-probs recorded as drawn
     alone_ids, alone_mask = policy.encode([[5, 6]])
     with torch.no_grad():
         alone = policy.completion_logits(alone_ids, alone_mask, tokens[1:], comp_mask[1:])
@@ -64,10 +63,12 @@ def test_top_k_filters_what_is_sampled_and_model_generation_config_is_ignored():
     policy.model.generation_config.top_k = 1  # a model's own generation_config.json must not apply
     policy.model.generation_config.do_sample = False
     ids, mask = policy.encode([[1, 2, 3, 4]] * 400)
-    tokens, _, logits = policy.generate(ids, mask, Sampling())
+    tokens, _, _ = policy.generate(ids, mask, Sampling())
     assert tokens[:, 0].unique().numel() > 5
-    tokens, _, logits = policy.generate(ids, mask, Sampling(top_k=2))
-    top2 = logits[0, 0].topk(2).indices
+    tokens, _, _ = policy.generate(ids, mask, Sampling(top_k=2))
+    with torch.no_grad():  # the first step's logits: generate keeps none (issue 12)
+        first = policy.model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1]
+    top2 = first.topk(2).indices
     assert set(tokens[:, 0].unique().tolist()) <= set(top2.tolist())
 
 

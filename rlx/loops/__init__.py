@@ -29,6 +29,9 @@ import torch
 
 from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.registry import Registry
+from rlx.startup import import_transformers_without_peft
+
+import_transformers_without_peft()  # h12: before rlx.loops.optim imports transformers' schedulers
 
 if TYPE_CHECKING:
     from rlx.models import Policy, Sampling
@@ -60,6 +63,7 @@ class TrainerSettings:
     resume: str | None
     on_nonfinite: str
     max_nonfinite: int
+    threads: int | str = "auto"  # h12: torch's CPU threads (rlx.train.apply_threads)
 
     def check(self) -> None:
         from transformers import SchedulerType
@@ -89,6 +93,10 @@ class TrainerSettings:
         require(self.keep_checkpoints >= 0, "trainer.keep_checkpoints must be >= 0")
         require(self.samples_every >= 0, f"trainer.samples_every must be >= 0, got {self.samples_every}")
         NonFiniteGuard(self.on_nonfinite, self.max_nonfinite)  # checks both values
+        require(  # h12
+            self.threads == "auto" or (isinstance(self.threads, int) and self.threads >= 0),
+            f"trainer.threads must be auto, 0 (= auto) or a positive number, got {self.threads!r}",
+        )
 
 
 @dataclass

@@ -119,9 +119,12 @@ class Learner:
 
 
 def minibatch_gradients(
-    learner: Learner, batch: Batch, rows: Tensor, *, step: int, kl_coef: float
+    learner: Learner, batch: Batch, rows: Tensor, *, step: int, kl_coef: float, log_entropy: bool = True
 ) -> tuple[dict[str, float] | None, float]:
     """Forward and backward over ``rows`` in micro-batches, gradients accumulated.
+
+    The entropy (a full-vocabulary pass, chunked) is computed only when the entropy bonus is on or
+    ``log_entropy`` asks for the metric (h12: `sgd_update` asks on the first epoch only).
 
     Returns the minibatch's metrics (None when a non-finite loss dropped it, ``on_nonfinite=skip``) and
     its approx KL(pi_old || pi) (k3, token mean; computed only when the early stop is on).
@@ -154,12 +157,13 @@ def minibatch_gradients(
             total = policy_loss + algo.vf_coef * value_loss
             what = f"loss (policy loss {policy_loss.item()}, value loss {value_loss.item()})"
             loss_metrics = {**loss_metrics, **value_metrics}
+        entropy: Tensor | None = None  # h12: only when used or logged, chunked
         if algo.entropy_coef:
-            entropy = token_entropy(logits / learner.temperature)
+            entropy = token_entropy(logits, learner.temperature)
             total = total - algo.entropy_coef * agg(entropy, mask)
-        else:
+        elif log_entropy:
             with torch.no_grad():
-                entropy = token_entropy(logits / learner.temperature)
+                entropy = token_entropy(logits.detach(), learner.temperature)
         if learner.kl_in_loss:
             assert batch.ref_logp is not None and learner.pieces.kl is not None
             kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)
@@ -172,7 +176,8 @@ def minibatch_gradients(
         m["loss/policy"] += policy_loss.item()
         if values is not None:
             m["loss/value"] += value_loss.item()
-        m["entropy"] += share * masked_mean(entropy.detach(), mask).item()
+        if entropy is not None:
+            m["entropy"] += share * masked_mean(entropy.detach(), mask).item()
         for k, v in loss_metrics.items():
             m[k] += share * float(v)
         if algo.early_stop_kl is not None:
@@ -191,12 +196,14 @@ def sgd_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) -> 
     counts: dict[str, int] = defaultdict(int)
     steps_done = 0
     stopped = False
-    for _epoch in range(algo.epochs):
+    for epoch in range(algo.epochs):
         device = ro.tokens.device
         perm = torch.randperm(n, device=device) if algo.minibatches > 1 else torch.arange(n, device=device)
         for mb in range(algo.minibatches):
             rows = perm[mb * mb_size : (mb + 1) * mb_size]
-            m, kl_old = minibatch_gradients(learner, batch, rows, step=step, kl_coef=kl_coef)
+            m, kl_old = minibatch_gradients(  # h12: the entropy metric from the first epoch only
+                learner, batch, rows, step=step, kl_coef=kl_coef, log_entropy=epoch == 0
+            )
             if m is None:  # trainer.on_nonfinite=skip: this update is dropped
                 zero_grad(learner.optimizers)
                 continue

@@ -4,19 +4,20 @@ Every rlx model follows the causal-LM convention: ``model(input_ids).logits[:, j
 distribution of token ``j + 1``. The loops only ever ask a policy to
 
 - encode task prompts into left-padded ids,
-- sample completions (``generate``), returning the raw logits of every sampled step, so the old
-  log-probs are recorded at sampling time with no second forward pass,
+- sample completions (``generate``), returning the log-prob of each sampled token as it is drawn, so
+  the old log-probs cost no second forward pass and no ``[N, T, V]`` logits are ever kept,
 - score given completions (``completion_logits``), with gradient,
 - decode completions back into task objects, and save itself as a ``save_pretrained`` directory.
 
 The policy pi_theta is the temperature-scaled distribution: log-probs everywhere are
-``log_softmax(logits / temperature)``. Top-k / top-p only filter what is sampled (as in TRL and
-verl); they do not enter the log-probs, so ratio = 1 on a batch's first update.
+``logit[y] / temperature - logsumexp(logits / temperature)`` (`token_logp`, in chunks). Top-k / top-p
+only filter what is sampled (as in TRL and verl); they do not enter the log-probs, so ratio = 1 on a
+batch's first update.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rlx.errors import RlxError
@@ -41,10 +42,38 @@ class Sampling:
     max_new_tokens: int | None = None
 
 
+# Elements of logits handled at once by `token_logp` / `token_entropy` (whole rows of [T, V]): one
+# float32 copy of a chunk of at most 64 MB (at V = 151936 and T = 64, one row is 39 MB) instead of one of
+# the whole [N, T, V] tensor; small vocabularies go in one piece (many tiny ops cost more than they save).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(logits: Tensor) -> int:
+    """Rows of ``logits`` ``[N, ..., V]`` per chunk: as many as fit in `CHUNK_ELEMENTS`, at least one."""
+    per_row = max(logits[0].numel(), 1) if len(logits) else 1
+    return max(CHUNK_ELEMENTS // per_row, 1)
+
+
 def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """log pi(y_t) under the temperature-scaled policy: ``[N, T, V], [N, T] -> [N, T]`` (float32)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(y_t) under the temperature-scaled policy: ``[..., V], [...] -> [...]`` (float32).
+
+    ``logit[y] / tau - logsumexp(logits / tau)``, a few rows at a time: the log-prob of the chosen token
+    only, never a full ``log_softmax`` copy of the logits (TRL's ``selective_log_softmax``). Gradients
+    flow through it (the update calls it on the training forward's logits).
+    """
+    rows = chunk_rows(logits)
+    if logits.dim() == tokens.dim() + 1 and logits.dim() >= 3 and logits.shape[0] > rows:
+        return torch.cat(
+            [
+                token_logp(logits[i : i + rows], tokens[i : i + rows], temperature)
+                for i in range(0, logits.shape[0], rows)
+            ]
+        )
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    chosen = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(scaled, dim=-1)
 
 
 def completion_mask(tokens: Tensor, eos_id: int | None) -> Tensor:
@@ -169,62 +198,28 @@ class Policy:
     def generate(
         self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, *, greedy: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample one completion per row: ids ``[N, T]``, mask ``[N, T]``, raw logits ``[N, T, V]``.
+        """Sample one completion per row: ids ``[N, T]``, mask ``[N, T]``, and ``log pi(y_t)`` ``[N, T]``
+        (temperature-scaled full distribution, float32, 0 on padding), recorded as each token is drawn.
 
-        T is ``sampling.max_new_tokens`` (or the task's), rows that stop early are padded.
+        T is ``sampling.max_new_tokens`` (or the task's), rows that stop early are padded. Only one
+        step's ``[N, V]`` logits exist at a time.
         """
         max_new = sampling.max_new_tokens or self.task.max_new_tokens
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.uses_hf_generate:
-                tokens, logits = self._generate_hf(prompt_ids, prompt_mask, sampling, max_new, greedy)
-            else:
-                tokens, logits = self._generate_loop(prompt_ids, sampling, max_new, greedy)
+            tokens, logp = self._sample(prompt_ids, prompt_mask, sampling, max_new, greedy)
         finally:
             self.model.train(was_training)
         if tokens.shape[1] < max_new:  # every row hit EOS early
             pad = max_new - tokens.shape[1]
             tokens = torch.nn.functional.pad(tokens, (0, pad), value=self.pad_id)
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, pad))
-        return tokens, completion_mask(tokens, self.eos_id).to(tokens.device), logits
+            logp = torch.nn.functional.pad(logp, (0, pad))
+        mask = completion_mask(tokens, self.eos_id).to(tokens.device)
+        return tokens, mask, logp * mask
 
-    def _generate_hf(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, max_new: int, greedy: bool
-    ) -> tuple[Tensor, Tensor]:
-        # Every knob is set explicitly and the model's own generation_config is swapped out for the
-        # call: transformers otherwise applies top_k=50 by default and inherits settings such as
-        # repetition_penalty from generation_config.json, and the sampled distribution would no
-        # longer be the one the old log-probs describe.
-        knobs: dict[str, Any] = {"do_sample": False}
-        if not greedy:
-            knobs = {
-                "do_sample": True,
-                "temperature": sampling.temperature,
-                "top_k": sampling.top_k,
-                "top_p": sampling.top_p,
-            }
-        cfg = GenerationConfig(
-            **knobs,
-            repetition_penalty=1.0,
-            max_new_tokens=max_new,
-            min_new_tokens=0,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        with _blank_generation_config(self.model):
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
-        tokens = out.sequences[:, prompt_ids.shape[1] :]
-        return tokens, torch.stack(out.logits, dim=1)
-
-    def _generate_loop(
-        self, prompt_ids: Tensor, sampling: Sampling, max_new: int, greedy: bool
-    ) -> tuple[Tensor, Tensor]:
-        # The toy models are not transformers architectures and cannot use generate(); their
-        # sequences are a handful of tokens, so a plain loop without a KV cache is the simple way.
-        # Filtering reuses transformers' own logits warpers.
+    def _warpers(self, sampling: Sampling, greedy: bool) -> LogitsProcessorList:
+        """transformers' own logits warpers for the sampling filters (they only choose what is drawn)."""
         warpers = LogitsProcessorList()
         if not greedy:
             warpers.append(TemperatureLogitsWarper(sampling.temperature))
@@ -232,18 +227,68 @@ class Policy:
                 warpers.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(sampling.top_p))
+        return warpers
+
+    def _sample(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, max_new: int, greedy: bool
+    ) -> tuple[Tensor, Tensor]:
+        """rlx's sampling loop (in place of ``model.generate``): one ``[N, V]`` step at a time, the
+        sampled token's log-prob taken from it before it is dropped.
+
+        transformers models decode with a ``DynamicCache`` and generate()'s left-padding-aware
+        position ids (the count of real tokens before each one); the prefill computes the logits of the
+        last prompt position only (``logits_to_keep=1``). Rows past their EOS get the pad token, as in
+        generate(); the loop ends when every row has finished. The toy models (no KV cache) re-read the
+        whole sequence each step: their sequences are a handful of tokens. Written by hand because
+        generate() can only hand back every step's full logits (``output_logits``), ``[N, T, V]``, and
+        pays a per-step overhead that dominates for small models.
+        """
+        warpers = self._warpers(sampling, greedy)
+        temperature = sampling.temperature
+        cached = self.uses_hf_generate
+        n, device = prompt_ids.shape[0], prompt_ids.device
+        unfinished = torch.ones(n, dtype=torch.bool, device=device)
         ids = prompt_ids
-        steps: list[Tensor] = []
+        step_tokens: list[Tensor] = []
+        step_logp: list[Tensor] = []
+        if cached:
+            cache = DynamicCache(config=self.model.config)
+            attn = prompt_mask.long()
+            position_ids = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
+            step_ids = prompt_ids
+            keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
         for _ in range(max_new):
-            logits = self.model(input_ids=ids).logits[:, -1].float()
-            steps.append(logits)
+            if cached:
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=attn,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **keep,
+                )
+                logits = out.logits[:, -1].float()
+            else:
+                logits = self.model(input_ids=ids).logits[:, -1].float()
             if greedy:
                 nxt = logits.argmax(-1)
             else:
                 probs = torch.softmax(warpers(ids, logits.clone()), dim=-1)
                 nxt = torch.multinomial(probs, 1).squeeze(-1)
+            if self.eos_id is not None:
+                nxt = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
+            step_tokens.append(nxt)
+            step_logp.append(token_logp(logits, nxt, temperature))
+            if self.eos_id is not None:
+                unfinished &= nxt != self.eos_id
+                if not bool(unfinished.any()):
+                    break
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-        return ids[:, prompt_ids.shape[1] :], torch.stack(steps, dim=1)
+            if cached:
+                step_ids = nxt[:, None]
+                attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+        return torch.stack(step_tokens, dim=1), torch.stack(step_logp, dim=1)
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -266,10 +311,15 @@ def completion_forward(
     ids = torch.cat([prompt_ids, completion], dim=1)
     attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
     position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    extra = {"output_hidden_states": True} if hidden else {}
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, **extra)
     p, t = prompt_ids.shape[1], completion.shape[1]
-    logits = out.logits[:, p - 1 : p - 1 + t] if getattr(out, "logits", None) is not None else None
+    extra: dict[str, Any] = {"output_hidden_states": True} if hidden else {}
+    keep = _accepts(model, "logits_to_keep")
+    if keep:  # the LM head over the last t + 1 positions only, not the prompt's (h12)
+        extra["logits_to_keep"] = t + 1
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, **extra)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        logits = logits[:, :t] if keep else logits[:, p - 1 : p - 1 + t]
     if not hidden:
         return logits, None
     states = getattr(out, "hidden_states", None)
@@ -281,11 +331,17 @@ def completion_forward(
     return logits, states[-1][:, p - 1 : p - 1 + t]
 
 
-@contextlib.contextmanager
-def _blank_generation_config(model: PreTrainedModel) -> Iterator[None]:
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
+def _accepts(model: Any, name: str) -> bool:
+    """Whether ``model.forward`` takes keyword ``name`` (cached per class)."""
+    cls = type(model)
+    known = _ACCEPTS.get((cls, name))
+    if known is None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        known = _ACCEPTS[(cls, name)] = name in params
+    return known
+
+
+_ACCEPTS: dict[tuple[type, str], bool] = {}

@@ -1,7 +1,8 @@
 """Rollout: sample G completions per prompt and record what the update needs.
 
-The old log-probs (pi_old = the policy that sampled) are computed from the logits that sampling
-produced, so a batch used for one update costs no extra forward pass for them.
+The old log-probs (pi_old = the policy that sampled) are recorded as each token is drawn
+(`Policy.generate`), so a batch costs no extra forward pass for them and no ``[N, T, V]`` logits are
+kept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlx.models import Policy, Sampling, token_logp
+from rlx.models import Policy, Sampling
 from rlx.tasks import PromptBatch
 
 
@@ -87,8 +88,7 @@ def sample_groups(policy: Policy, prompts: PromptBatch, group_size: int, samplin
     ids, mask = policy.encode(prompts.prompts)
     ids = ids.repeat_interleave(group_size, dim=0)
     mask = mask.repeat_interleave(group_size, dim=0)
-    tokens, comp_mask, logits = policy.generate(ids, mask, sampling)
-    old_logp = token_logp(logits, tokens, sampling.temperature) * comp_mask
+    tokens, comp_mask, old_logp = policy.generate(ids, mask, sampling)  # old_logp: 0 on padding
     batch = prompts.repeat(group_size)
     return Rollout(
         batch=batch,
