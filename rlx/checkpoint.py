@@ -172,6 +172,79 @@ def _tied(model: torch.nn.Module, key: str) -> bool:
     return any(k != key and p.data_ptr() == ptr for k, p in params.items())
 
 
+# The config groups whose ``_target_`` a directory's config may name: only rlx's own builders, looked
+# up by the node's ``name`` in the packaged ``conf/<group>/<name>.yaml``.
+TRUSTED_GROUPS = ("task", "model")
+
+
+def packaged_node(group: str, name: str) -> dict[str, Any] | None:
+    """The packaged ``conf/<group>/<name>.yaml`` of rlx (from the installed ``rlx.conf``), or None."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    if not isinstance(name, str) or not name.replace("_", "").isalnum():
+        return None
+    entry = resources.files("rlx.conf").joinpath(group, f"{name}.yaml")
+    if not entry.is_file():
+        return None
+    node = OmegaConf.to_container(OmegaConf.create(entry.read_text(encoding="utf-8")), resolve=False)
+    return node if isinstance(node, dict) else None
+
+
+def read_dir_config(model_dir: Path, *, reward_fn: str | None = None) -> dict[str, Any]:
+    """A model or checkpoint directory's ``rlx_config.yaml``, made safe to build from.
+
+    Directories come from other people, so nothing named in the file is imported: ``task`` and
+    ``model`` are rebuilt only through rlx's own builders, found by their ``name`` in the packaged
+    config groups (a ``_target_`` that differs from the packaged one is refused, not imported);
+    ``model.trust_remote_code`` is forced off; the optimizer is dropped (evaluation and sampling build
+    none); ``reward=custom`` names user code, so its ``reward.fn`` is taken only from the command line
+    (``reward_fn``), never from the file. Anything else in the file is data, checked by `rlx.train.plan`.
+    """
+    from omegaconf import OmegaConf
+
+    file = model_dir / CONFIG_NAME
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RlxError(f"{file} is not a readable rlx config ({reason})") from exc
+    if not isinstance(cfg, dict) or not all(
+        isinstance(cfg.get(k), dict) for k in ("task", "model", "reward")
+    ):
+        raise RlxError(f"{file} is not an rlx run config (no task, model and reward sections)")
+    for group in TRUSTED_GROUPS:
+        node = cfg[group]
+        name = node.get("name")
+        packaged = packaged_node(group, name) if isinstance(name, str) else None
+        if packaged is None:
+            raise RlxError(
+                f"{file}: {group}.name={name!r} is not one of rlx's {group}s; refusing to build it"
+            )
+        target = node.get("_target_", packaged["_target_"])
+        if target != packaged["_target_"]:
+            raise RlxError(
+                f"{file}: {group}._target_={target!r} is not rlx's {packaged['_target_']} for "
+                f"{group}={name}; a directory's config may only name rlx's own {group}s (nothing in it "
+                "is imported)"
+            )
+        node["_target_"] = packaged["_target_"]
+    if "trust_remote_code" in cfg["model"]:
+        cfg["model"]["trust_remote_code"] = False
+    cfg.pop("optimizer", None)
+    if cfg["reward"].get("name") == "custom":
+        if not reward_fn:
+            raise RlxError(
+                f"{file} uses reward=custom (reward.fn={cfg['reward'].get('fn')!r}): user code is never "
+                "imported from a directory's config; pass it yourself with --reward-fn MODULE:FUNCTION"
+            )
+        cfg["reward"]["fn"] = reward_fn
+    elif reward_fn:
+        raise RlxError(f"--reward-fn: {file} uses reward={cfg['reward'].get('name')}, not reward=custom")
+    return cfg
+
+
 def resolve_model_dir(path: Path) -> Path:
     """A run directory's final model (or newest checkpoint), or a model directory itself."""
     if not path.exists():

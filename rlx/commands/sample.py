@@ -31,6 +31,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per prompt")
+    parser.add_argument(
+        "--reward-fn",
+        help="MODULE:FUNCTION for a reward=custom run (user code is never imported from the directory)",
+    )
     ns = parser.parse_args(argv)
     run_sample(ns)
 
@@ -46,7 +50,11 @@ def _load(path: Path, task: Any, model_cfg: dict[str, Any]) -> Policy:
 
     from rlx.models import load_pretrained
 
-    archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+    try:  # trust_remote_code=False: a directory's auto_map code is never run
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise RlxError(f"{path}: cannot read its model config: {str(exc).strip().splitlines()[0]}") from exc
+    archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         raise RlxError(f"{path} is a reward model (algo=rm); rlx sample shows a policy's answers")
     policy = load_pretrained(path, task, str(model_cfg.get("name", "model")))
@@ -57,10 +65,9 @@ def _load(path: Path, task: Any, model_cfg: dict[str, Any]) -> Policy:
 
 
 def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
-    from omegaconf import OmegaConf
     from rich.table import Table
 
-    from rlx.checkpoint import CONFIG_NAME, resolve_model_dir
+    from rlx.checkpoint import CONFIG_NAME, read_dir_config, resolve_model_dir
     from rlx.models import build_model
     from rlx.registry import instantiate_checked
     from rlx.runtime import resolve_device, seed_everything
@@ -75,8 +82,7 @@ def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
     if not prompts:
         raise RlxError("give prompts with -p TEXT (repeatable) or --file FILE")
     model_dir = resolve_model_dir(Path(ns.path))
-    cfg = OmegaConf.to_container(OmegaConf.load(model_dir / CONFIG_NAME), resolve=True)
-    assert isinstance(cfg, dict)
+    cfg = read_dir_config(model_dir, reward_fn=getattr(ns, "reward_fn", None))  # builds only rlx's own
     task = instantiate_checked(cfg["task"], where="task")
     device = resolve_device(ns.device)
     r = cfg["rollout"]

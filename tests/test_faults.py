@@ -1,0 +1,133 @@
+"""Faults an independent test found (issue 14), each reproduced with real processes and real files.
+
+Hostile directories given to `rlx eval` / `rlx sample` / `rlx train`, a full disk inside
+``torch.save``, reruns of finished runs, two processes on one run directory, ``trainer.resume=none``
+over an old run, signals during the final evaluation, bad bytes in data files, and more.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_GPT, run_rlx
+
+RUN = [
+    *TINY_GPT,
+    "trainer.prompts_per_step=4",
+    "trainer.group_size=4",
+    "trainer.steps=3",
+    "trainer.eval_every=0",
+    "trainer.samples_every=1",
+    "trainer.save_every=3",
+    "task.eval_size=16",
+    "trainer.device=cpu",
+]
+
+
+def one_error_line(res) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlx: error: "), res.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short finished run (logger=none): its final/ model and checkpoints/step_000003."""
+    cwd = tmp_path_factory.mktemp("finished")
+    res = run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return cwd / "run"
+
+
+def hostile_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a model directory whose rlx_config.yaml was edited by someone else."""
+    shutil.copytree(src, dst)
+    cfg = yaml.safe_load((dst / "rlx_config.yaml").read_text())
+    edit(cfg)
+    (dst / "rlx_config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst
+
+
+# -- item 1: nothing named in a directory is executed ---------------------------------------------
+HOSTILE_EDITS = {
+    "task_target_os_system": lambda c, pwned: c.__setitem__(
+        "task", {"name": "sort", "_target_": "os.system", "command": f"touch {pwned}"}
+    ),
+    "model_target_os_system": lambda c, pwned: c.__setitem__(
+        "model", {"name": "tiny_gpt", "_target_": "os.system", "command": f"touch {pwned}"}
+    ),
+    "unknown_task_name": lambda c, pwned: c.__setitem__(
+        "task", {"name": "../../evil", "_target_": "os.system", "command": f"touch {pwned}"}
+    ),
+    "custom_reward_module": lambda c, pwned: c.__setitem__("reward", {"name": "custom", "fn": "evil:reward"}),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+@pytest.mark.parametrize("edit", list(HOSTILE_EDITS))
+def test_a_hostile_directory_config_runs_nothing(finished, tmp_path, command, edit):
+    pwned = tmp_path / "pwned"
+    # a module the hostile config names, importable from the working directory: importing it is the attack
+    (tmp_path / "evil.py").write_text(
+        f"open({str(pwned)!r}, 'w').write('x')\ndef reward(p, c): return [0.0]*len(c)\n"
+    )
+    model_dir = hostile_copy(finished / "final", tmp_path / "model", lambda c: HOSTILE_EDITS[edit](c, pwned))
+    extra = ["-p", "3 1 2 0"] if command == "sample" else []
+    res = run_rlx(command, str(model_dir), *extra, "--device", "cpu", cwd=tmp_path)
+    line = one_error_line(res)
+    assert not pwned.exists(), "code named in a directory's config was executed"
+    assert "rlx_config.yaml" in line
+    if edit == "custom_reward_module":
+        assert "--reward-fn" in line
+
+
+def test_auto_map_code_in_a_model_directory_is_never_run(finished, tmp_path):
+    """config.json's auto_map names Python files of the directory; transformers would run them (or ask
+    on a terminal) unless trust_remote_code=False is passed."""
+    pwned = tmp_path / "pwned"
+    model_dir = tmp_path / "model"
+    shutil.copytree(finished / "final", model_dir)
+    (model_dir / "evil_config.py").write_text(
+        f"open({str(pwned)!r}, 'w').write('x')\n"
+        "from transformers import GPT2Config\nclass EvilConfig(GPT2Config):\n    model_type = 'evil'\n"
+    )
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_config.EvilConfig", "AutoModelForCausalLM": "evil_config.X"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    for command in (["eval", str(model_dir)], ["sample", str(model_dir), "-p", "3 1 2 0", "--no-base"]):
+        res = run_rlx(*command, "--device", "cpu", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+        assert not pwned.exists(), res.stderr[-2000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    res = run_rlx(
+        "train", *RUN, "logger=none", f"model.init_from={model_dir}", "hydra.run.dir=r", cwd=tmp_path
+    )
+    assert not pwned.exists()
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+def test_a_custom_reward_is_taken_from_the_command_line(finished, tmp_path):
+    """--reward-fn names the user's own code; the directory's reward.fn is ignored."""
+    model_dir = hostile_copy(
+        finished / "final",
+        tmp_path / "model",
+        lambda c: c.__setitem__("reward", {"name": "custom", "fn": "evil:r"}),
+    )
+    res = run_rlx(
+        "eval",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--json",
+        "--reward-fn",
+        "tests.rewards_for_tests:length",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["eval/reward"] >= 0
