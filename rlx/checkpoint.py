@@ -53,11 +53,65 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_dir(path: Path, policy: Policy, config_yaml: str) -> None:
-    """A ``save_pretrained`` directory with the run's config beside the weights."""
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries: a rename or a new file) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_model_dir(path: Path, policy: Policy, config_yaml: str) -> None:
+    """Write the model, tokenizer and config into ``path`` and flush every file to disk."""
     path.mkdir(parents=True, exist_ok=True)
     policy.save(path)
     (path / CONFIG_NAME).write_text(config_yaml, encoding="utf-8")
+    for f in path.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(path)
+
+
+# What a failed write raises: the OS (a full disk: ENOSPC, a file-size limit: EFBIG), safetensors (its
+# own error type) and torch.save (RuntimeError from its zip writer: "PytorchStreamWriter failed ...").
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def _write_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return reason[:300]
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` directory to ``final`` (an existing ``final`` is replaced), flushed."""
+    if final.exists():  # re-saving: swap, then drop the old copy
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+
+
+def save_model_dir(path: Path, policy: Policy, config_yaml: str) -> None:
+    """A ``save_pretrained`` directory with the run's config beside the weights, written atomically.
+
+    Everything goes to a hidden temporary sibling, is flushed to disk, and is renamed into place, so a
+    kill never leaves a half-written ``final/``; a failed write (a full disk) removes the temporary
+    directory and is one clear error.
+    """
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        _write_model_dir(tmp, policy, config_yaml)
+        _swap_into_place(tmp, path)
+    except WRITE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RlxError(f"could not write {path}: {_write_reason(exc)}") from exc
 
 
 def save_checkpoint(
@@ -81,24 +135,18 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step_*.tmp-*"):  # left by a process killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-        save_model_dir(tmp, policy, config_yaml)
+        _write_model_dir(tmp, policy, config_yaml)
         with (tmp / TRAINER_STATE).open("wb") as f:
             torch.save({**trainer_state, "step": step, "rng": rng_state()}, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # re-saving a step: swap, then drop the old copy
-            old = root / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
+        _fsync(tmp)
+        _swap_into_place(tmp, final)
+    except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(root)
         previous = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint"
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise RlxError(f"could not write checkpoint {final}: {reason}; {previous}") from exc
+        raise RlxError(f"could not write checkpoint {final}: {_write_reason(exc)}; {previous}") from exc
     if keep > 0:
         for stale in list_checkpoints(root)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)

@@ -288,8 +288,12 @@ class Tracker:
             "mlflow_ok": bool(self.mlflow and self.mlflow.ok),
         }
         tmp = self.run_dir / f".{TRACKING_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.run_dir / TRACKING_FILE)
+        try:
+            tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            tmp.replace(self.run_dir / TRACKING_FILE)
+        except OSError as exc:  # a full disk: say so, never a traceback on the way out
+            tmp.unlink(missing_ok=True)
+            console.print(f"[yellow]rlx: warning: could not write {TRACKING_FILE} ({exc.strerror})[/yellow]")
 
     @property
     def run_id(self) -> str | None:
@@ -301,8 +305,17 @@ class Tracker:
         row = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
         assert self._jsonl is not None
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        # NaN/inf are written as null: json.dumps would write Infinity, which is not JSON (h14)
+        line = json.dumps(
+            {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+        )
+        try:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
+        except OSError as exc:
+            from rlx.errors import RlxError
+
+            raise RlxError(f"cannot write {self.run_dir / 'metrics.jsonl'}: {exc.strerror or exc}") from exc
         if self.mlflow:
             self.mlflow.log_metrics(metrics, step)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_GPT, run_rlx
+from tests.conftest import REPO, RLX, TINY_GPT, run_rlx
 
 RUN = [
     *TINY_GPT,
@@ -34,6 +34,15 @@ def one_error_line(res) -> str:
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rlx: error: "), res.stderr[-3000:]
     return lines[0]
+
+
+def final_error_line(res) -> str:
+    """A failure after training started: the progress bar, then one error line, and no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlx: error: "), res.stderr[-3000:]
+    return last
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +140,52 @@ def test_a_custom_reward_is_taken_from_the_command_line(finished, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["eval/reward"] >= 0
+
+
+# -- item 2 / 13: a full disk, an atomic final/ -----------------------------------------------------
+def run_with_file_limit(limit: int, cwd: Path, *args: str):
+    """`rlx train` in a process whose files may not grow past ``limit`` bytes: writes past it fail with
+    EFBIG exactly where a full disk fails them with ENOSPC (inside torch.save, safetensors, json)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [RLX, "train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=limit_files,
+    )
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_the_run_failed(tmp_path):
+    # trainer_state.pt (~210 kB) crosses the limit inside a tensor record, the model (~60 kB) does not:
+    # torch.save's zip writer raises RuntimeError ("unexpected pos"), as on a full 3 MB tmpfs
+    res = run_with_file_limit(150_000, tmp_path, *RUN, "logger=none", "hydra.run.dir=run")
+    line = final_error_line(res)
+    assert "could not write checkpoint" in line and "step_000003" in line and "no earlier checkpoint" in line
+    run = tmp_path / "run"
+    assert not [p for p in (run / "checkpoints").iterdir()]  # the temporary directory is gone
+    assert json.loads((run / "tracking.json").read_text())["status"] == "FAILED"
+
+
+def test_final_is_written_atomically(tmp_path):
+    # no checkpoints; the model itself (~60 kB) cannot be written: final/ must not exist half-written
+    res = run_with_file_limit(
+        40_000, tmp_path, *RUN, "trainer.save_every=0", "logger=none", "hydra.run.dir=run"
+    )
+    line = final_error_line(res)
+    run = tmp_path / "run"
+    assert "could not write" in line and str(run / "final") in line
+    assert not (run / "final").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".final")]
+    assert json.loads((run / "tracking.json").read_text())["status"] == "FAILED"
