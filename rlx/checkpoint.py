@@ -176,6 +176,29 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_safetensors(path: Path) -> None:
+    """Every ``model*.safetensors`` of ``path`` is complete: its header parses and its file is as long
+    as the header says. Read without loading a tensor, so resuming a large model finds a truncated
+    file before anything of the run is touched (safetensors itself only fails when loading)."""
+    import json
+    import struct
+
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise RlxError(f"checkpoint {path} has no safetensors weights")
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n)) if n < 100_000_000 else None
+            ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+            complete = header is not None and f.stat().st_size >= 8 + n + max(ends, default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+            complete = False
+        if not complete:
+            raise RlxError(f"checkpoint weights {f} are corrupt or truncated")
+
+
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a checkpoint's safetensors weights into an already built model, strictly.
 

@@ -77,6 +77,7 @@ class MlflowSink:
         # noticed at once instead of filling a queue of retries.
         self._async = not tracking_uri.startswith(("http://", "https://"))
         self._pending: list[Any] = []  # RunOperations of asynchronous metric batches
+        self._logged: dict[str, int] = {}  # a resumed run: the last step MLflow has of each metric
         self._guard(
             "start", self._start, artifact_root, experiment, run_name, params, tags, resume_run_id, store_lock
         )
@@ -105,6 +106,7 @@ class MlflowSink:
             self.run_id = resume_run_id
             self.resumed = True
             self.client.update_run(resume_run_id, status="RUNNING")
+            self._logged = logged_steps(self.client, resume_run_id)
             return
         if resume_run_id:
             console.print(
@@ -143,7 +145,12 @@ class MlflowSink:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
+            batch = [
+                Metric(k, float(v), now, step)
+                for k, v in metrics.items()
+                if math.isfinite(v)
+                and step > self._logged.get(k, -1)  # resumed: never a (metric, step) twice
+            ]
             ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=not self._async)
             if ops is not None and self._async:
                 self._pending.append(ops)
@@ -196,6 +203,13 @@ def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     batch = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=batch[i : i + 100])
+
+
+def logged_steps(client: Any, run_id: str) -> dict[str, int]:
+    """The last step of every metric the MLflow run already has (a resumed run logs only later steps:
+    the steps between its checkpoint and the kill were logged before, with the same values on CPU)."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
 def _run_exists(client: Any, run_id: str) -> bool:

@@ -20,12 +20,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType, get_scheduler
 
-from rlx.checkpoint import load_model_weights, save_checkpoint, save_model_dir, set_rng_state
+from rlx.checkpoint import TRAINER_STATE, load_model_weights, save_checkpoint, save_model_dir, set_rng_state
 from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Plan, Trainer
 from rlx.models import Policy, build_model
 from rlx.registry import check_type, instantiate_checked
-from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
+from rlx.resume import (
+    RunStart,
+    keep_first_row_at,
+    lock_run_dir,
+    probe_lock,
+    start_run,
+    target_run_dir,
+    truncate_jsonl,
+)
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, flatten, summary_table
@@ -139,12 +147,31 @@ def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: T
     )
 
 
+class StopNow(Exception):
+    """A signal after the last training step (final evaluation, final model): stop at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunFinished(Exception):
+    """The job's run directory holds this very run, finished: nothing to do."""
+
+    def __init__(self, start: RunStart) -> None:
+        super().__init__(str(start.run_dir))
+        self.start = start
+
+
 class StopSignals:
     """SIGINT / SIGTERM during training: the first one lets the current step finish, then the loop
-    saves a checkpoint and stops (`LoopContext.step_done`); a second SIGINT exits at once."""
+    saves a checkpoint and stops (`LoopContext.step_done`); a second SIGINT exits at once. After the
+    last step (``at_once``: the final evaluation and model, nothing left to lose) the first signal
+    stops at once (`StopNow`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at_once = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -162,6 +189,8 @@ class StopSignals:
         if self.signum is not None:  # the second signal: no more waiting
             raise KeyboardInterrupt
         self.signum = signum
+        if self.at_once:
+            raise StopNow(signum)
         console.print(
             f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             "(Ctrl-C again to exit at once)[/yellow]"
@@ -182,9 +211,20 @@ class Session:
     trainer: Trainer
     signals: StopSignals
     resumed_from: Path | None = None
+    lock: Any = None  # the run directory's FileLock, held until the run ends
 
     def save(self) -> Path:
         return _save(self.plan, self.run_dir, self.config_yaml, self.tracker, self.trainer)
+
+    def checkpoint_now(self) -> Path:
+        """The checkpoint of the current step: the one on disk, or a new one."""
+        path = self.run_dir / "checkpoints" / f"step_{self.trainer.step:06d}"
+        return path if (path / TRAINER_STATE).is_file() else self.save()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _prepare_run_dir(run_dir: Path, config_yaml: str) -> None:
@@ -214,24 +254,57 @@ def _restore(trainer: Trainer, checkpoint: Path, state: dict[str, Any]) -> None:
     set_rng_state(state["rng"])
 
 
+def check_start(cfg: DictConfig | dict[str, Any], run_dir: Path) -> RunStart:
+    """Read-only: how a job would start in ``run_dir`` (`rlx.resume.start_run`), and whether another
+    process holds it. The CLI runs it before Hydra writes anything into the directory."""
+    p = plan(cfg)
+    target = target_run_dir(p.cfg["trainer"].get("resume"), run_dir)
+    probe_lock(target)
+    return start_run(p.cfg, target)
+
+
+def finished_message(start: RunStart) -> str:
+    metrics = {k: v for k, v in (start.finished or {}).items() if k.startswith("eval/")}
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    step = (start.finished or {}).get("step", "?")
+    return (
+        f"rlx: {start.run_dir} already finished (final/ at step {step}{'; ' + shown if shown else ''}); "
+        "nothing to do. To train longer, rerun with a larger trainer.steps (exact with "
+        "trainer.lr_schedule=constant) or start a new run elsewhere (hydra.run.dir=...)"
+    )
+
+
 def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Session:
-    """Check the config, find the checkpoint to resume from, then build the tracker and the loop."""
+    """Check the config, lock the run directory, decide how the job starts (resume, refuse, or
+    nothing to do: `RunFinished`), then build the tracker and the loop."""
     p = plan(cfg)
     c = p.cfg
     t = c["trainer"]
     rank, _ = dist_rank()
     default_dir, launch_dir, overrides = _hydra_job()
-    run_dir = Path(run_dir or default_dir)
-    checkpoint = find_checkpoint(t.get("resume"), run_dir)
-    state: dict[str, Any] | None = None
-    if checkpoint is not None:
-        state = load_for_resume(checkpoint, c)  # readable, and from this config: before any building
-        run_dir = run_dir_of(checkpoint)
+    run_dir = target_run_dir(t.get("resume"), Path(run_dir or default_dir))
+    lock = lock_run_dir(run_dir) if rank == 0 else None
+    try:
+        return _build_locked(p, run_dir, launch_dir, overrides, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_locked(p: Plan, run_dir: Path, launch_dir: Path, overrides: str, lock: Any) -> Session:
+    c, t = p.cfg, p.cfg["trainer"]
+    rank, _ = dist_rank()
+    start = start_run(c, run_dir)  # reads and checks everything before anything is written
+    if start.finished is not None:
+        raise RunFinished(start)
+    run_dir, checkpoint, state = start.run_dir, start.checkpoint, start.state
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(c))  # the composed config, interpolations resolved
     _prepare_run_dir(run_dir, config_yaml)
     if state is not None and rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows written after the checkpoint
             truncate_jsonl(run_dir / name, int(state["step"]))
+        keep_first_row_at(run_dir / "metrics.jsonl", int(state["step"]))  # a final evaluation comes again
     tags = {
         "algo": str(c["algo"].get("name")),
         "model": str(c["model"].get("name")),
@@ -247,7 +320,7 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
         params=flatten(c),
         tags=tags,
         launch_dir=launch_dir,
-        resume_run_id=state.get("mlflow_run_id") if state else None,
+        resume_run_id=state.get("mlflow_run_id") if state else start.mlflow_run_id,
         fresh=state is None,
     )
     signals = StopSignals()
@@ -271,7 +344,7 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     except BaseException:
         tracker.close("FAILED")
         raise
-    return Session(p, run_dir, config_yaml, tracker, trainer, signals, checkpoint)
+    return Session(p, run_dir, config_yaml, tracker, trainer, signals, checkpoint, lock)
 
 
 def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
@@ -283,26 +356,37 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     ``checkpoints/nonfinite_step_*`` (not resumed from: it may hold part of an iteration's updates).
     """
     started = time.perf_counter()
-    session = build(cfg, run_dir)
+    try:
+        session = build(cfg, run_dir)
+    except RunFinished as done:  # rerunning a finished run's command: say so, log nothing twice
+        console.print(finished_message(done.start), highlight=False, soft_wrap=True)
+        return {**(done.start.finished or {}), "run_dir": str(done.start.run_dir), "already_finished": True}
     c, trainer, tracker = session.plan.cfg, session.trainer, session.tracker
     rank, _ = dist_rank()
     status = "FAILED"
     try:
         with session.signals:
             trainer.run()
+            if int(c["trainer"]["save_every"] or 0) and rank == 0:
+                session.checkpoint_now()  # the last step: a rerun after a kill, or an extension, starts here
+            session.signals.at_once = True  # from here a signal stops at once: nothing is left to lose
             final = trainer.evaluate()
-        tracker.log_metrics(final, step=trainer.step)
-        if rank == 0:
-            _finish(session)
+            tracker.log_metrics(final, step=trainer.step)
+            if rank == 0:
+                _finish(session)
         status = "FINISHED"
     except NonFiniteError as exc:
         path = _save_for_inspection(session)
         raise NonFiniteError(f"{exc}; stopped; the state it reached is in {path}") from exc
+    except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
+        status = "KILLED"
+        raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now())) from None
     except (StopRequested, KeyboardInterrupt):
         status = "KILLED"
         raise
     finally:
         tracker.close(status)
+        session.release()
     summary = {
         **final,
         "steps": trainer.step,

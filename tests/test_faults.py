@@ -189,3 +189,144 @@ def test_final_is_written_atomically(tmp_path):
     assert not (run / "final").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".final")]
     assert json.loads((run / "tracking.json").read_text())["status"] == "FAILED"
+
+
+# -- items 3, 5, 11, 12: reruns, finished runs, extensions, refusals that write nothing ----------------
+def mlflow_history(store: Path, run_dir: Path, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def mlflow_runs(store: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_mlflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A finished run logged to a real MLflow store: (working directory, store)."""
+    cwd = tmp_path_factory.mktemp("finished_mlflow")
+    res = run_rlx("train", *RUN, "logger.store_dir=store", "hydra.run.dir=run", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return cwd, cwd / "store"
+
+
+def copy_run(src_cwd: Path, dst: Path) -> Path:
+    shutil.copytree(src_cwd, dst, dirs_exist_ok=True)
+    return dst
+
+
+def test_rerunning_a_finished_run_says_so_and_logs_nothing(finished_mlflow, tmp_path):
+    cwd = copy_run(finished_mlflow[0], tmp_path / "w")
+    run, store = cwd / "run", cwd / "store"
+    before = snapshot(run)
+    res = run_rlx("train", *RUN, f"logger.store_dir={store}", "hydra.run.dir=run", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "already finished" in res.stderr and "nothing to do" in res.stderr
+    assert snapshot(run) == before  # not a byte changed, .hydra/ included
+    assert mlflow_history(store, run, "eval/exact") == [3]
+    assert len(mlflow_runs(store)) == 1
+
+
+def test_a_kill_after_the_final_evaluation_row_logs_it_once(finished_mlflow, tmp_path):
+    """The state a kill leaves after the final evaluation row and before final/: the rerun evaluates
+    again, and metrics.jsonl and MLflow still hold that row once."""
+    cwd = copy_run(finished_mlflow[0], tmp_path / "w")
+    run, store = cwd / "run", cwd / "store"
+    shutil.rmtree(run / "final")
+    info = json.loads((run / "tracking.json").read_text())
+    (run / "tracking.json").write_text(json.dumps({**info, "status": "RUNNING"}))
+    res = run_rlx("train", *RUN, f"logger.store_dir={store}", "hydra.run.dir=run", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3] and "eval/exact" in rows[-1]
+    assert mlflow_history(store, run, "eval/exact") == [3]
+    assert mlflow_history(store, run, "reward/mean") == [1, 2, 3]
+    assert len(mlflow_runs(store)) == 1 and (run / "final" / "model.safetensors").is_file()
+
+
+def test_resume_none_never_destroys_a_previous_run(finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    line = one_error_line(
+        run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", "trainer.resume=none", cwd=tmp_path)
+    )
+    assert "trainer.resume=none" in line and "hydra.run.dir=run-2" in line
+    assert snapshot(run) == before
+
+
+def test_a_refused_resume_writes_nothing(finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    line = one_error_line(
+        run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", "trainer.lr=1e-3", cwd=tmp_path)
+    )
+    assert "different config" in line and "trainer.lr" in line and "hydra.run.dir=" in line
+    assert snapshot(run) == before  # .hydra/overrides.yaml keeps the run's own overrides
+
+
+def test_a_truncated_model_file_is_found_before_anything_is_written(finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    shutil.rmtree(run / "final")  # an unfinished run: the rerun resumes from its newest checkpoint
+    info = json.loads((run / "tracking.json").read_text())
+    (run / "tracking.json").write_text(json.dumps({**info, "status": "RUNNING"}))
+    weights = run / "checkpoints" / "step_000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    before = snapshot(run)
+    line = one_error_line(run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=tmp_path))
+    assert "corrupt or truncated" in line and "model.safetensors" in line
+    assert snapshot(run) == before  # metrics.jsonl not truncated, tracking.json still RUNNING
+
+
+EXTEND = ["trainer.lr_schedule=constant", "logger=none", "trainer.samples_every=100"]
+
+
+def test_a_finished_run_with_a_constant_lr_extends_exactly(tmp_path):
+    from tests.test_resume import metrics
+
+    long = run_rlx("train", *RUN, *EXTEND, "trainer.steps=6", "hydra.run.dir=long", cwd=tmp_path)
+    assert long.returncode == 0, long.stderr[-2000:]
+    short = run_rlx("train", *RUN, *EXTEND, "hydra.run.dir=short", cwd=tmp_path)
+    assert short.returncode == 0, short.stderr[-2000:]
+    more = run_rlx("train", *RUN, *EXTEND, "trainer.steps=6", "hydra.run.dir=short", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "resumed from" in more.stderr and "step_000003" in more.stderr.replace("\n", "")
+    assert metrics(tmp_path / "short") == metrics(tmp_path / "long")  # the 6-step run, bit for bit
+    # a cosine schedule depends on trainer.steps from step 1: refused, and it says why
+    line = one_error_line(
+        run_rlx("train", *RUN, "logger=none", "trainer.steps=6", "hydra.run.dir=short", cwd=tmp_path)
+    )
+    assert "trainer.lr_schedule" in line or "lr_schedule=" in line
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_orphan_mlflow_run(tmp_path):
+    import signal
+
+    from tests.test_resume import start, wait_for
+
+    args = ["trainer.save_every=0", "trainer.steps=40", "logger.store_dir=store", "hydra.run.dir=run"]
+    proc = start(tmp_path, *args)
+    run = tmp_path / "run"
+    wait_for(
+        lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2,
+        proc,
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_id = json.loads((run / "tracking.json").read_text())["run_id"]
+    from tests.test_resume import RUN as RESUME_RUN
+
+    res = run_rlx("train", *RESUME_RUN, *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = mlflow_runs(tmp_path / "store")
+    assert [r.info.run_id for r in runs] == [first_id] and runs[0].info.status == "FINISHED"
+    assert mlflow_history(tmp_path / "store", run, "reward/mean") == list(range(1, 41))  # each step once
