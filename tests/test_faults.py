@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,65 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_orphan_mlflow_run(tmp_path
     runs = mlflow_runs(tmp_path / "store")
     assert [r.info.run_id for r in runs] == [first_id] and runs[0].info.status == "FINISHED"
     assert mlflow_history(tmp_path / "store", run, "reward/mean") == list(range(1, 41))  # each step once
+
+
+# -- item 4: one process per run directory; item 9: a signal during the final evaluation --------------
+def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
+    import signal
+
+    from tests.test_resume import start, wait_for
+
+    args = ["trainer.steps=400", "trainer.save_every=0", "logger=none", "hydra.run.dir=run"]
+    first = start(tmp_path, *args)
+    run = tmp_path / "run"
+    try:
+        wait_for(
+            lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, first
+        )
+        hydra_before = snapshot(run / ".hydra")
+        second = run_rlx("train", *RUN, *args, cwd=tmp_path)
+        line = one_error_line(second)
+        assert "in use by another rlx process" in line and "hydra.run.dir=run-2" in line
+        assert snapshot(run / ".hydra") == hydra_before
+        # the same through the Python API (a sweep job's directory is known only inside Hydra)
+        from rlx.errors import RlxError
+        from rlx.train import build
+        from tests.conftest import compose_cfg
+        from tests.test_resume import RUN as RESUME_RUN
+
+        with pytest.raises(RlxError, match="in use by another rlx process"):
+            build(compose_cfg([*RESUME_RUN, *args[:-1]]), run_dir=run)
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_a_signal_during_the_final_evaluation_stops_it(tmp_path):
+    import signal
+
+    from tests.test_resume import start, wait_for
+
+    # a long final evaluation: 5000 held-out prompts, 4 at a time
+    args = ["task.eval_size=5000", "eval.batch_size=4", "logger=none", "hydra.run.dir=run"]
+    proc = start(
+        tmp_path,
+        *[a for a in RUN if not a.startswith(("task.eval_size", "trainer.steps"))],
+        "trainer.steps=3",
+        *args,
+    )
+    run = tmp_path / "run"
+    wait_for(lambda: (run / "checkpoints" / "step_000003" / "trainer_state.pt").is_file(), proc)
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert time.time() - sent < 5, "the final evaluation went on after SIGTERM"
+    assert "stopped by SIGTERM after step 3" in err
+    assert json.loads((run / "tracking.json").read_text())["status"] == "KILLED"
+    assert not (run / "final").exists()
+    res = run_rlx("train", *RUN, *args, cwd=tmp_path)  # the same command: evaluates, finishes
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3]
