@@ -8,6 +8,7 @@ and always ends its MLflow run.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -37,6 +38,9 @@ from rlx.resume import (
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, flatten, summary_table
+
+MAX_STEPS = 10**9  # iterations: beyond that a run never ends (and the step counters' formats break)
+MAX_BATCH = 2**20  # completions per iteration: beyond that the first rollout exhausts any memory
 
 # Types of the settings every loop shares; each loop checks its own (`algo.*` and the pieces).
 SETTING_TYPES: dict[str, dict[str, Any]] = {
@@ -73,19 +77,54 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
         for key, kind in types_.items():
             if key in c.get(section, {}):
                 check_type(f"{section}.{key}", c[section][key], kind)
-    t = c["trainer"]
+    t, r, e = c["trainer"], c.get("rollout", {}), c.get("eval", {})
     device = resolve_device(t["device"])
-    require(t["steps"] >= 0, f"trainer.steps must be >= 0, got {t['steps']}")
-    require(t["lr"] > 0, f"trainer.lr must be positive, got {t['lr']}")
+    # The settings every loop shares, one rule each (each loop checks its own in its plan function).
+    # Upper bounds are where a value would exhaust memory or overflow an RNG seed before any work.
+    require(0 <= t["seed"] < 2**32, f"trainer.seed must be in [0, 2**32), got {t['seed']}")
+    require(0 <= t["steps"] <= MAX_STEPS, f"trainer.steps must be in [0, {MAX_STEPS}], got {t['steps']}")
+    require(t["prompts_per_step"] >= 1, f"trainer.prompts_per_step must be >= 1, got {t['prompts_per_step']}")
+    require(t["group_size"] >= 1, f"trainer.group_size must be >= 1, got {t['group_size']}")
+    require(
+        t["prompts_per_step"] * t["group_size"] <= MAX_BATCH,
+        f"trainer.prompts_per_step * trainer.group_size = {t['prompts_per_step'] * t['group_size']} "
+        f"completions per iteration; at most {MAX_BATCH}",
+    )
+    require(0 < t["lr"] < math.inf, f"trainer.lr must be positive and finite, got {t['lr']}")
     require(0 <= t["warmup_ratio"] < 1, f"trainer.warmup_ratio must be in [0, 1), got {t['warmup_ratio']}")
     require(0 <= t["min_lr_ratio"] <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
     schedules = [s.value for s in SchedulerType]
     require(t["lr_schedule"] in schedules, f"trainer.lr_schedule={t['lr_schedule']!r}; one of {schedules}")
-    require(t["grad_clip"] is None or t["grad_clip"] > 0, "trainer.grad_clip must be positive or null")
-    require(t["keep_checkpoints"] >= 0, "trainer.keep_checkpoints must be >= 0")
-    require(t["save_every"] >= 0, f"trainer.save_every must be >= 0, got {t['save_every']}")
+    require(
+        t["grad_clip"] is None or 0 < t["grad_clip"] < math.inf, "trainer.grad_clip must be positive or null"
+    )
+    mbs = t["micro_batch_size"]
+    require(mbs is None or mbs >= 1, f"trainer.micro_batch_size must be >= 1 or null, got {mbs}")
+    require(
+        t["eval_every"] >= 0, f"trainer.eval_every must be >= 0 (0 = only at the end), got {t['eval_every']}"
+    )
+    require(t["save_every"] >= 0, f"trainer.save_every must be >= 0 (0 = none), got {t['save_every']}")
+    require(t["samples_every"] >= 0, f"trainer.samples_every must be >= 0, got {t['samples_every']}")
+    require(t["keep_checkpoints"] >= 0, f"trainer.keep_checkpoints must be >= 0, got {t['keep_checkpoints']}")
+    require(
+        0 < r.get("temperature", 1.0) < math.inf,
+        f"rollout.temperature must be > 0, got {r.get('temperature')}",
+    )
+    require(r.get("top_k", 0) >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.get('top_k')}")
+    require(0 < r.get("top_p", 1.0) <= 1, f"rollout.top_p must be in (0, 1], got {r.get('top_p')}")
+    new = r.get("max_new_tokens")
+    require(new is None or new >= 1, f"rollout.max_new_tokens must be >= 1 or null (the task's), got {new}")
+    require(e.get("batch_size", 1) >= 1, f"eval.batch_size must be >= 1, got {e.get('batch_size')}")
     NonFiniteGuard(str(t["on_nonfinite"]), int(t["max_nonfinite"]))  # checks both values
     task: Task = instantiate_checked(c["task"], where="task")
+    positions, prompt_len = c["model"].get("n_positions"), getattr(task, "length", None)
+    if isinstance(positions, int) and isinstance(prompt_len, int) and not c["model"].get("init_from"):
+        answer = new or task.max_new_tokens  # model=tiny_gpt: prompt, separator and EOS, then the answer
+        require(
+            prompt_len + 2 + answer <= positions,
+            f"rollout.max_new_tokens={answer}: {prompt_len + 2} prompt tokens + {answer} new ones do not fit "
+            f"model.n_positions={positions}",
+        )
     loop = str(c["algo"].get("loop") or "online")
     entry = LOOPS.get(loop)
     return Plan(cfg=c, task=task, loop=entry.name, settings=entry.meta["plan"](c, task), device=device)

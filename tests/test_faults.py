@@ -393,3 +393,131 @@ def test_a_signal_during_the_final_evaluation_stops_it(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 3]
+
+
+# -- every documented key: a zero, a negative, a string, a huge value ---------------------------------
+VALUES = {"zero": "0", "negative": "-1", "string": "x", "huge": "1000000000000"}
+TASKS = ("sort", "tokens")
+
+
+def documented_keys() -> list[tuple[str, str]]:
+    """(task, key) for every trainer.*, rollout.*, eval.* key and every key of each task config."""
+    from tests.conftest import compose_cfg
+
+    base = compose_cfg([])
+    keys = [("sort", f"{s}.{k}") for s in ("trainer", "rollout", "eval") for k in base[s]]
+    for task in TASKS:
+        node = compose_cfg([f"task={task}"]).task
+        keys += [(task, f"task.{k}") for k in node if k not in ("name", "_target_")]
+    return keys
+
+
+# What plan() accepts, each a value a run must complete with (checked by the real runs below).
+ACCEPTED = {
+    "trainer.seed=0": "a seed",
+    "trainer.steps=0": "evaluates the initial model only",
+    "trainer.warmup_ratio=0": "no warmup (the default)",
+    "trainer.min_lr_ratio=0": "cosine to 0",
+    "trainer.grad_clip=1000000000000": "no effective clipping",
+    "trainer.micro_batch_size=1000000000000": "one micro-batch",
+    "trainer.eval_every=0": "evaluate at the end only",
+    "trainer.eval_every=1000000000000": "evaluate at the end only",
+    "trainer.save_every=0": "no checkpoints",
+    "trainer.save_every=1000000000000": "only the last step's checkpoint",
+    "trainer.keep_checkpoints=0": "keep every checkpoint",
+    "trainer.keep_checkpoints=1000000000000": "keep every checkpoint",
+    "trainer.samples_every=0": "no samples",
+    "trainer.samples_every=1000000000000": "no samples after the first",
+    "trainer.resume=x": "refused in one line when the run directory is known (no such checkpoint)",
+    "trainer.max_nonfinite=1000000000000": "skip non-finite updates without limit",
+    "trainer.lr=1000000000000": "finite; the loops must stop on the non-finite weights it makes (item 6)",
+    "rollout.temperature=1000000000000": "uniform sampling",
+    "rollout.top_k=0": "off (the default)",
+    "rollout.top_k=1000000000000": "off in effect",
+    "eval.batch_size=1000000000000": "one evaluation batch",
+    "task.seed=0": "a seed",
+    "task.seed=1000000000000": "a seed",
+    "task.start=0": "token 0 (the default)",
+    "task.target=0": "token 0",
+}
+
+
+def test_every_key_refuses_bad_values_in_one_line_before_any_work():
+    """In-process through rlx.train.plan on composed configs: every value is refused with one line that
+    names its key (RlxError, what the CLI prints as `rlx: error: ...` with exit 2), or is one of the
+    documented ACCEPTED values; never another exception."""
+    from rlx.errors import RlxError
+    from rlx.train import plan
+    from tests.conftest import compose_cfg
+
+    accepted, problems = set(), []
+    for task, key in documented_keys():
+        for value in VALUES.values():
+            override = f"{key}={value}"
+            extra = [] if key == "trainer.device" else ["trainer.device=cpu"]
+            try:
+                plan(compose_cfg([f"task={task}", *extra, override]))
+            except RlxError as exc:
+                message = str(exc)
+                if "\n" in message or key.split(".", 1)[1] not in message:
+                    problems.append(f"{override}: {message!r} does not name {key} in one line")
+                continue
+            except Exception as exc:
+                problems.append(f"{override}: {type(exc).__name__}: {exc}")
+                continue
+            accepted.add(override)
+    assert not problems, "\n".join(problems)
+    assert accepted == set(ACCEPTED), (accepted - set(ACCEPTED), set(ACCEPTED) - accepted)
+
+
+ACCEPTED_RUNS = {
+    "evaluate_only": ["trainer.steps=0"],
+    "zeros": [
+        "trainer.seed=0",
+        "trainer.warmup_ratio=0",
+        "trainer.min_lr_ratio=0",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.keep_checkpoints=0",
+        "trainer.samples_every=0",
+        "rollout.top_k=0",
+        "task.seed=0",
+    ],
+    "huge": [
+        "trainer.grad_clip=1000000000000",
+        "trainer.micro_batch_size=1000000000000",
+        "trainer.eval_every=1000000000000",
+        "trainer.save_every=1000000000000",
+        "trainer.keep_checkpoints=1000000000000",
+        "trainer.samples_every=1000000000000",
+        "trainer.max_nonfinite=1000000000000",
+        "rollout.temperature=1000000000000",
+        "rollout.top_k=1000000000000",
+        "eval.batch_size=1000000000000",
+        "task.seed=1000000000000",
+    ],
+    "tokens": ["task=tokens", "reward=token_match", "task.start=0", "task.target=0", "reward.target=0"],
+}
+
+
+def test_the_accepted_values_run_to_the_end(tmp_path):
+    """Real `rlx train` processes with every ACCEPTED value (several per process): each completes, or
+    (trainer.resume=x) is refused in one line before any work. trainer.lr=1e12 is left to the loops'
+    non-finite weight check (issue 14 item 6)."""
+    covered = {o for runs in ACCEPTED_RUNS.values() for o in runs} | {
+        "trainer.resume=x",
+        "trainer.lr=1000000000000",
+    }
+    assert set(ACCEPTED) <= covered
+    for name, overrides in ACCEPTED_RUNS.items():
+        drop = {x.split("=")[0] for x in overrides} | (
+            {"task.eval_size"} if "task=tokens" in overrides else set()
+        )
+        base = [o for o in RUN if o.split("=")[0] not in drop]
+        res = run_rlx("train", *base, *overrides, "logger=none", f"hydra.run.dir={name}", cwd=tmp_path)
+        assert res.returncode == 0, (name, res.stderr[-2000:])
+        assert (tmp_path / name / "final" / "model.safetensors").is_file()
+    line = one_error_line(
+        run_rlx("train", *RUN, "logger=none", "trainer.resume=x", "hydra.run.dir=r", cwd=tmp_path)
+    )
+    assert "trainer.resume=x" in line and not (tmp_path / "r").exists()
