@@ -521,3 +521,86 @@ def test_the_accepted_values_run_to_the_end(tmp_path):
         run_rlx("train", *RUN, "logger=none", "trainer.resume=x", "hydra.run.dir=r", cwd=tmp_path)
     )
     assert "trainer.resume=x" in line and not (tmp_path / "r").exists()
+
+
+# -- item 8, item 10: bad bytes, bad rewards, bad output paths, the start-up gaps ----------------------
+def test_binary_garbage_in_a_jsonl_file_names_the_line(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    good = (REPO / "tests" / "data" / "sort_pairs_tiny.jsonl").read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(good[:2]) + b"\xff\xfe\x00\x81garbage\x9c\n" + b"".join(good[2:]))
+    line = one_error_line(
+        run_rlx(
+            "train", *RUN, "algo=dpo", "algo.batch_size=4", f"data.train={data}", "logger=none", cwd=tmp_path
+        )
+    )
+    assert f"{data} line 3: not valid JSON" in line
+
+
+def test_a_custom_reward_returning_strings_is_one_line(tmp_path):
+    res = run_rlx(
+        "train",
+        *RUN,
+        "reward=custom",
+        "reward.fn=tests.rewards_for_tests:strings",
+        "logger=none",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    line = final_error_line(res)
+    assert "returned 'good' (str), not a number" in line and "tests.rewards_for_tests:strings" in line
+
+
+def test_data_sort_into_a_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "FILE").write_text("a file")
+    line = one_error_line(
+        run_rlx("data", "sort", "--out", "FILE/x", "--train", "10", "--heldout", "5", cwd=tmp_path)
+    )
+    assert "--out FILE/x" in line and "not a directory" in line
+    assert (tmp_path / "FILE").read_text() == "a file"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.eval_every=-1", "trainer.eval_every must be >= 0"),
+        ("eval.batch_size=0", "eval.batch_size must be >= 1"),
+        ("task.eval_size=0", "task.eval_size=0 must be between 1 and half"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1 or null"),
+        ("rollout.max_new_tokens=100", "do not fit model.n_positions=64"),
+        ("trainer.lr=inf", "trainer.lr must be positive and finite"),
+        ("task.prompts=[[1,x]]", "task.prompts must be a list of integer lists"),
+        ("task.seed=-1", "task.seed must be >= 0"),
+    ],
+)
+def test_start_up_gaps_are_closed(tmp_path, override, message):
+    line = one_error_line(run_rlx("train", *RUN, override, "logger=none", cwd=tmp_path))
+    assert message in line
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.jsonl"))
+
+
+def test_non_finite_values_are_null_in_metrics_and_iterations_count_from_one(tmp_path):
+    """A reward of 3e38 overflows the loss at the first iteration: the message says iteration 1, and
+    metrics.jsonl stays valid JSON (strict parser: no Infinity or NaN)."""
+    res = run_rlx(
+        "train",
+        *RUN,
+        "reward=custom",
+        "reward.fn=tests.rewards_for_tests:huge",
+        "trainer.on_nonfinite=skip",
+        "trainer.max_nonfinite=2",
+        "logger=none",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    line = final_error_line(res)
+    assert "at iteration 2:" in line and "2 updates in a row skipped" in line  # iterations 1 and 2 skipped
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    def strict(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    rows = [json.loads(line, parse_constant=strict) for line in text.splitlines()]
+    assert rows and rows[0]["step"] == 1
+    assert any(v is None for v in rows[0].values())  # reward/mean = inf (3e38 * 16 / 16 overflows float32)
