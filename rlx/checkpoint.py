@@ -78,9 +78,18 @@ def _write_model_dir(path: Path, policy: Policy, config_yaml: str) -> None:
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
-def _write_reason(exc: BaseException) -> str:
-    reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return reason[:300]
+def _write_reason(exc: BaseException, where: Path) -> str:
+    reason = getattr(exc, "strerror", None)
+    if reason:
+        return str(reason)
+    # torch.save's zip writer says only "unexpected pos ..." when a write comes up short: add what
+    # the filesystem has left, which is what a user needs to know
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return f"the write failed ({first})"
+    return f"the write failed ({first}); {free // 1024} KiB free on that filesystem"
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -110,8 +119,9 @@ def save_model_dir(path: Path, policy: Policy, config_yaml: str) -> None:
         _write_model_dir(tmp, policy, config_yaml)
         _swap_into_place(tmp, path)
     except WRITE_ERRORS as exc:
+        reason = _write_reason(exc, path.parent)  # before the partial write is removed
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RlxError(f"could not write {path}: {_write_reason(exc)}") from exc
+        raise RlxError(f"could not write {path}: {reason}") from exc
 
 
 def save_checkpoint(
@@ -143,10 +153,11 @@ def save_checkpoint(
         _fsync(tmp)
         _swap_into_place(tmp, final)
     except WRITE_ERRORS as exc:
+        reason = _write_reason(exc, root)  # before the partial write is removed
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(root)
         previous = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint"
-        raise RlxError(f"could not write checkpoint {final}: {_write_reason(exc)}; {previous}") from exc
+        raise RlxError(f"could not write checkpoint {final}: {reason}; {previous}") from exc
     if keep > 0:
         for stale in list_checkpoints(root)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
