@@ -90,7 +90,8 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
         f"trainer.prompts_per_step * trainer.group_size = {t['prompts_per_step'] * t['group_size']} "
         f"completions per iteration; at most {MAX_BATCH}",
     )
-    require(0 < t["lr"] < math.inf, f"trainer.lr must be positive and finite, got {t['lr']}")
+    require(t["lr"] > 0, f"trainer.lr must be positive, got {t['lr']}")
+    require(math.isfinite(t["lr"]), f"trainer.lr must be finite, got {t['lr']}")
     require(0 <= t["warmup_ratio"] < 1, f"trainer.warmup_ratio must be in [0, 1), got {t['warmup_ratio']}")
     require(0 <= t["min_lr_ratio"] <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
     schedules = [s.value for s in SchedulerType]

@@ -568,7 +568,7 @@ def test_data_sort_into_a_path_under_a_file_is_one_line(tmp_path):
         ("task.eval_size=0", "task.eval_size=0 must be between 1 and half"),
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1 or null"),
         ("rollout.max_new_tokens=100", "do not fit model.n_positions=64"),
-        ("trainer.lr=inf", "trainer.lr must be positive and finite"),
+        ("trainer.lr=inf", "trainer.lr must be finite"),
         ("task.prompts=[[1,x]]", "task.prompts must be a list of integer lists"),
         ("task.seed=-1", "task.seed must be >= 0"),
     ],
