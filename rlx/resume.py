@@ -295,13 +295,16 @@ def start_run(cfg: dict[str, Any], run_dir: Path) -> RunStart:
     checkpoint = find_checkpoint(resume, run_dir)
     if checkpoint is not None:
         run_dir = run_dir_of(checkpoint)
+    # a checkpoint named by path is read and checked first: a damaged one is reported even in a
+    # finished run's directory (with auto, a finished run is done whatever its checkpoints hold)
+    state = load_for_resume(checkpoint, cfg) if checkpoint is not None and resume != "auto" else None
     tracking = read_tracking(run_dir)
     final_cfg = _saved_config(run_dir / "final" / CONFIG_NAME) if (run_dir / "final").is_dir() else None
     if resume != "none" and tracking.get("status") == "FINISHED" and final_cfg is not None:
         if not config_differences(final_cfg, cfg) and final_cfg["trainer"]["steps"] == t["steps"]:
             return RunStart(run_dir, finished=_final_metrics(run_dir), mlflow_run_id=tracking.get("run_id"))
     if checkpoint is not None:
-        return RunStart(run_dir, checkpoint, load_for_resume(checkpoint, cfg))
+        return RunStart(run_dir, checkpoint, state or load_for_resume(checkpoint, cfg))
     held = list_checkpoints(run_dir / "checkpoints")
     if held or (run_dir / "final").is_dir():
         what = f"checkpoints up to {held[-1].name}" if held else "a final/ model"

@@ -410,6 +410,8 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
             if int(c["trainer"]["save_every"] or 0) and rank == 0:
                 session.checkpoint_now()  # the last step: a rerun after a kill, or an extension, starts here
             session.signals.at_once = True  # from here a signal stops at once: nothing is left to lose
+            if session.signals.signum is not None:  # one that came after the last step's own check
+                raise StopNow(session.signals.signum)
             final = trainer.evaluate()
             tracker.log_metrics(final, step=trainer.step)
             if rank == 0:
