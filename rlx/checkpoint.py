@@ -274,7 +274,9 @@ def packaged_node(group: str, name: str) -> dict[str, Any] | None:
     return node if isinstance(node, dict) else None
 
 
-def read_dir_config(model_dir: Path, *, reward_fn: str | None = None) -> dict[str, Any]:
+def read_dir_config(
+    model_dir: Path, *, reward_fn: str | None = None, use_reward: bool = True
+) -> dict[str, Any]:
     """A model or checkpoint directory's ``rlx_config.yaml``, made safe to build from.
 
     Directories come from other people, so nothing named in the file is imported: ``task`` and
@@ -315,7 +317,9 @@ def read_dir_config(model_dir: Path, *, reward_fn: str | None = None) -> dict[st
     if "trust_remote_code" in cfg["model"]:
         cfg["model"]["trust_remote_code"] = False
     cfg.pop("optimizer", None)
-    if cfg["reward"].get("name") == "custom":
+    if cfg["reward"].get("name") == "custom" and not use_reward:  # `rlx sample`: the reward is not used
+        cfg["reward"]["fn"] = None
+    elif cfg["reward"].get("name") == "custom":
         if not reward_fn:
             raise RlxError(
                 f"{file} uses reward=custom (reward.fn={cfg['reward'].get('fn')!r}): user code is never "

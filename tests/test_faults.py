@@ -90,6 +90,10 @@ def test_a_hostile_directory_config_runs_nothing(finished, tmp_path, command, ed
     model_dir = hostile_copy(finished / "final", tmp_path / "model", lambda c: HOSTILE_EDITS[edit](c, pwned))
     extra = ["-p", "3 1 2 0"] if command == "sample" else []
     res = run_rlx(command, str(model_dir), *extra, "--device", "cpu", cwd=tmp_path)
+    if edit == "custom_reward_module" and command == "sample":  # sample uses no reward: nothing imported
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert not pwned.exists(), "code named in a directory's config was executed"
+        return
     line = one_error_line(res)
     assert not pwned.exists(), "code named in a directory's config was executed"
     assert "rlx_config.yaml" in line

@@ -31,10 +31,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per prompt")
-    parser.add_argument(
-        "--reward-fn",
-        help="MODULE:FUNCTION for a reward=custom run (user code is never imported from the directory)",
-    )
     ns = parser.parse_args(argv)
     run_sample(ns)
 
@@ -82,7 +78,7 @@ def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
     if not prompts:
         raise RlxError("give prompts with -p TEXT (repeatable) or --file FILE")
     model_dir = resolve_model_dir(Path(ns.path))
-    cfg = read_dir_config(model_dir, reward_fn=getattr(ns, "reward_fn", None))  # builds only rlx's own
+    cfg = read_dir_config(model_dir, use_reward=False)  # builds only rlx's own task and model
     task = instantiate_checked(cfg["task"], where="task")
     device = resolve_device(ns.device)
     r = cfg["rollout"]
