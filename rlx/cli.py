@@ -183,8 +183,12 @@ def check_writable(path: Path, what: str) -> None:
         raise RlxError(f"{what}={path} is not writable ({probe} denies writing)")
 
 
-def precheck(overrides: list[str], multirun: bool) -> None:
-    """Compose and plan every job before any work starts; raise RlxError with one line on bad input."""
+def precheck(overrides: list[str], multirun: bool) -> str | None:
+    """Compose and plan every job before any work starts; raise RlxError with one line on bad input.
+
+    With an explicit ``hydra.run.dir`` the run directory is checked too (locked by another process, a
+    refused resume, a run that must not be overwritten) before Hydra writes its ``.hydra/`` there;
+    returns the message of a run that already finished (nothing to do)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -221,15 +225,25 @@ def precheck(overrides: list[str], multirun: bool) -> None:
             raise RlxError(f"{prefix}{exc}") from exc
         except (OmegaConfBaseException, KeyError, TypeError) as exc:
             raise RlxError(f"bad config: {str(exc).splitlines()[0]}") from exc
+    run_dir = next((o.partition("=")[2] for o in overrides if o.startswith("hydra.run.dir=")), None)
+    if not multirun and run_dir and "$" not in run_dir:  # h14: the run directory, before Hydra touches it
+        from rlx.train import check_start, finished_message
+
+        start = check_start(_compose(jobs[0]), Path(run_dir))
+        return finished_message(start) if start.finished is not None else None
+    return None
 
 
 def cmd_train(args: list[str]) -> None:
     overrides, multirun, skip = _split_args(args)
     if not skip:
         try:
-            precheck(overrides, multirun)
+            done = precheck(overrides, multirun)
         except RlxError as exc:
             fail(str(exc))
+        if done:  # the run in hydra.run.dir already finished with this config: nothing to do
+            print(done, file=sys.stderr)
+            raise SystemExit(0)
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
     _hydra_main()()
 

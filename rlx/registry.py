@@ -169,8 +169,13 @@ def check_type(where: str, value: Any, annotation: Any) -> None:
             return
         if kind is str and isinstance(value, str):
             return
+        origin = typing.get_origin(kind) or kind
+        if origin in (list, tuple, dict):  # list[list[int]] etc.: the container is checked, not its items
+            if isinstance(value, list if origin is tuple else origin):
+                return
+            continue
         if kind not in (bool, int, float, str, type(None)):
-            return  # a type rlx does not check (lists, objects)
+            return  # a type rlx does not check (objects)
     names = " or ".join(getattr(k, "__name__", str(k)).replace("NoneType", "null") for k in allowed)
     raise RlxError(f"{where} must be {names}, got {value!r}")
 
@@ -203,4 +208,10 @@ def instantiate_checked(node: Mapping[str, Any], *, where: str, **data: Any) -> 
             f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
             f"valid keys: {', '.join(valid)}"
         )
+    try:  # the same type check as the registries' (task.length=abc is one line, not a TypeError)
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # a target without resolvable annotations (torch.optim.AdamW): not checked
+        hints = {}
+    for key, value in node.items():
+        check_type(f"{where}.{key}", value, hints.get(key))
     return fn(*data.values(), **node)

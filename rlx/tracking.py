@@ -77,6 +77,7 @@ class MlflowSink:
         # noticed at once instead of filling a queue of retries.
         self._async = not tracking_uri.startswith(("http://", "https://"))
         self._pending: list[Any] = []  # RunOperations of asynchronous metric batches
+        self._logged: dict[str, int] = {}  # a resumed run: the last step MLflow has of each metric
         self._guard(
             "start", self._start, artifact_root, experiment, run_name, params, tags, resume_run_id, store_lock
         )
@@ -105,6 +106,7 @@ class MlflowSink:
             self.run_id = resume_run_id
             self.resumed = True
             self.client.update_run(resume_run_id, status="RUNNING")
+            self._logged = logged_steps(self.client, resume_run_id)
             return
         if resume_run_id:
             console.print(
@@ -143,7 +145,12 @@ class MlflowSink:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
+            batch = [
+                Metric(k, float(v), now, step)
+                for k, v in metrics.items()
+                if math.isfinite(v)
+                and step > self._logged.get(k, -1)  # resumed: never a (metric, step) twice
+            ]
             ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=not self._async)
             if ops is not None and self._async:
                 self._pending.append(ops)
@@ -196,6 +203,13 @@ def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     batch = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=batch[i : i + 100])
+
+
+def logged_steps(client: Any, run_id: str) -> dict[str, int]:
+    """The last step of every metric the MLflow run already has (a resumed run logs only later steps:
+    the steps between its checkpoint and the kill were logged before, with the same values on CPU)."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
 def _run_exists(client: Any, run_id: str) -> bool:
@@ -288,8 +302,12 @@ class Tracker:
             "mlflow_ok": bool(self.mlflow and self.mlflow.ok),
         }
         tmp = self.run_dir / f".{TRACKING_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.run_dir / TRACKING_FILE)
+        try:
+            tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            tmp.replace(self.run_dir / TRACKING_FILE)
+        except OSError as exc:  # a full disk: say so, never a traceback on the way out
+            tmp.unlink(missing_ok=True)
+            console.print(f"[yellow]rlx: warning: could not write {TRACKING_FILE} ({exc.strerror})[/yellow]")
 
     @property
     def run_id(self) -> str | None:
@@ -301,8 +319,17 @@ class Tracker:
         row = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
         assert self._jsonl is not None
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        # NaN/inf are written as null: json.dumps would write Infinity, which is not JSON (h14)
+        line = json.dumps(
+            {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+        )
+        try:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
+        except OSError as exc:
+            from rlx.errors import RlxError
+
+            raise RlxError(f"cannot write {self.run_dir / 'metrics.jsonl'}: {exc.strerror or exc}") from exc
         if self.mlflow:
             self.mlflow.log_metrics(metrics, step)
 

@@ -8,6 +8,7 @@ and always ends its MLflow run.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -19,8 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlx.checkpoint import load_model_weights, save_checkpoint, save_model_dir, set_rng_state
-from rlx.errors import NonFiniteError, RlxError, StopRequested
+from rlx.checkpoint import TRAINER_STATE, load_model_weights, save_checkpoint, save_model_dir, set_rng_state
+from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.loops import (
     LOOPS,
     EvalSettings,
@@ -34,11 +35,22 @@ from rlx.loops import (
 from rlx.loops.optim import make_optimizer
 from rlx.models import Policy, build_model
 from rlx.registry import instantiate_checked
-from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
+from rlx.resume import (
+    RunStart,
+    keep_first_row_at,
+    lock_run_dir,
+    probe_lock,
+    start_run,
+    target_run_dir,
+    truncate_jsonl,
+)
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.settings import read_settings
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, flatten, summary_table
+
+MAX_STEPS = 10**9  # iterations: beyond that a run never ends (and the step counters' formats break)
+MAX_BATCH = 2**20  # completions per iteration: beyond that the first rollout exhausts any memory
 
 
 def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
@@ -48,8 +60,28 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     trainer = read_settings(TrainerSettings, c.get("trainer"), where="trainer")
     rollout = read_settings(RolloutSettings, c.get("rollout"), where="rollout")
     evaluation = read_settings(EvalSettings, c.get("eval"), where="eval")
+    t = trainer
+    # Upper bounds (beyond the dataclasses' own rules): where a value would exhaust memory or overflow
+    # an RNG seed before any work.
+    require(0 <= t.seed < 2**32, f"trainer.seed must be in [0, 2**32), got {t.seed}")
+    require(t.steps <= MAX_STEPS, f"trainer.steps must be in [0, {MAX_STEPS}], got {t.steps}")
+    require(
+        t.prompts_per_step * t.group_size <= MAX_BATCH,
+        f"trainer.prompts_per_step * trainer.group_size = {t.prompts_per_step * t.group_size} "
+        f"completions per iteration; at most {MAX_BATCH}",
+    )
+    require(math.isfinite(rollout.temperature), f"rollout.temperature must be > 0, got {rollout.temperature}")
+    new = rollout.max_new_tokens
     device = resolve_device(trainer.device)
     task: Task = instantiate_checked(c["task"], where="task")
+    positions, prompt_len = c["model"].get("n_positions"), getattr(task, "length", None)
+    if isinstance(positions, int) and isinstance(prompt_len, int) and not c["model"].get("init_from"):
+        answer = new or task.max_new_tokens  # model=tiny_gpt: prompt, separator and EOS, then the answer
+        require(
+            prompt_len + 2 + answer <= positions,
+            f"rollout.max_new_tokens={answer}: {prompt_len + 2} prompt tokens + {answer} new ones do not fit "
+            f"model.n_positions={positions}",
+        )
     loop = str(c["algo"].get("loop") or "online")
     entry = LOOPS.get(loop)
     p = Plan(c, task, trainer, rollout, evaluation, entry.name, None, device)
@@ -145,12 +177,31 @@ def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: T
     )
 
 
+class StopNow(Exception):
+    """A signal after the last training step (final evaluation, final model): stop at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunFinished(Exception):
+    """The job's run directory holds this very run, finished: nothing to do."""
+
+    def __init__(self, start: RunStart) -> None:
+        super().__init__(str(start.run_dir))
+        self.start = start
+
+
 class StopSignals:
     """SIGINT / SIGTERM during training: the first one lets the current step finish, then the loop
-    saves a checkpoint and stops (`LoopContext.step_done`); a second SIGINT exits at once."""
+    saves a checkpoint and stops (`LoopContext.step_done`); a second SIGINT exits at once. After the
+    last step (``at_once``: the final evaluation and model, nothing left to lose) the first signal
+    stops at once (`StopNow`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at_once = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -168,6 +219,8 @@ class StopSignals:
         if self.signum is not None:  # the second signal: no more waiting
             raise KeyboardInterrupt
         self.signum = signum
+        if self.at_once:
+            raise StopNow(signum)
         console.print(
             f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             "(Ctrl-C again to exit at once)[/yellow]"
@@ -188,9 +241,20 @@ class Session:
     trainer: Trainer
     signals: StopSignals
     resumed_from: Path | None = None
+    lock: Any = None  # the run directory's FileLock, held until the run ends
 
     def save(self) -> Path:
         return _save(self.plan, self.run_dir, self.config_yaml, self.tracker, self.trainer)
+
+    def checkpoint_now(self) -> Path:
+        """The checkpoint of the current step: the one on disk, or a new one."""
+        path = self.run_dir / "checkpoints" / f"step_{self.trainer.step:06d}"
+        return path if (path / TRAINER_STATE).is_file() else self.save()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _prepare_run_dir(run_dir: Path, config_yaml: str) -> None:
@@ -220,25 +284,64 @@ def _restore(trainer: Trainer, checkpoint: Path, state: dict[str, Any]) -> None:
     set_rng_state(state["rng"])
 
 
-def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Session:
-    """Check the config, find the checkpoint to resume from, then build the tracker and the loop."""
+def check_start(cfg: DictConfig | dict[str, Any], run_dir: Path) -> RunStart:
+    """Read-only: how a job would start in ``run_dir`` (`rlx.resume.start_run`), and whether another
+    process holds it. The CLI runs it before Hydra writes anything into the directory."""
     p = plan(cfg)
-    threads = apply_threads(p.trainer.threads)  # h12: before any model is built
+    target = target_run_dir(p.cfg["trainer"].get("resume"), run_dir)
+    probe_lock(target)
+    return start_run(p.cfg, target)
+
+
+def finished_message(start: RunStart) -> str:
+    metrics = {k: v for k, v in (start.finished or {}).items() if k.startswith("eval/")}
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    step = (start.finished or {}).get("step", "?")
+    return (
+        f"rlx: {start.run_dir} already finished (final/ at step {step}{'; ' + shown if shown else ''}); "
+        "nothing to do. To train longer, rerun with a larger trainer.steps (exact with "
+        "trainer.lr_schedule=constant) or start a new run elsewhere (hydra.run.dir=...)"
+    )
+
+
+def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Session:
+    """Check the config, lock the run directory, decide how the job starts (resume, refuse, or
+    nothing to do: `RunFinished`), then build the tracker and the loop."""
+    p = plan(cfg)
+    apply_threads(p.trainer.threads)  # h12: before any model is built
     c = p.cfg
     t = c["trainer"]
     rank, _ = dist_rank()
     default_dir, launch_dir, overrides = _hydra_job()
-    run_dir = Path(run_dir or default_dir)
-    checkpoint = find_checkpoint(t.get("resume"), run_dir)
-    state: dict[str, Any] | None = None
-    if checkpoint is not None:
-        state = load_for_resume(checkpoint, c)  # readable, and from this config: before any building
-        run_dir = run_dir_of(checkpoint)
+    run_dir = target_run_dir(t.get("resume"), Path(run_dir or default_dir))
+    lock = lock_run_dir(run_dir) if rank == 0 else None
+    try:
+        return _build_locked(p, run_dir, launch_dir, overrides, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _build_locked(p: Plan, run_dir: Path, launch_dir: Path, overrides: str, lock: Any) -> Session:
+    c, t = p.cfg, p.cfg["trainer"]
+    rank, _ = dist_rank()
+    start = start_run(c, run_dir)  # reads and checks everything before anything is written
+    if start.finished is not None:
+        raise RunFinished(start)
+    run_dir, checkpoint, state = start.run_dir, start.checkpoint, start.state
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(c))  # the composed config, interpolations resolved
     _prepare_run_dir(run_dir, config_yaml)
     if state is not None and rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows written after the checkpoint
             truncate_jsonl(run_dir / name, int(state["step"]))
+        keep_first_row_at(run_dir / "metrics.jsonl", int(state["step"]))  # a final evaluation comes again
     tags = {
         "algo": str(c["algo"].get("name")),
         "model": str(c["model"].get("name")),
@@ -249,14 +352,14 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     }
     seed_everything(int(t["seed"]) + rank)
     if rank == 0:
-        console.print(f"torch threads: {threads} (trainer.threads={p.trainer.threads})")
+        console.print(f"torch threads: {_torch_threads()} (trainer.threads={p.trainer.threads})")
     tracker = Tracker(
         run_dir,
         c["logger"],
-        params={**flatten(c), "runtime.threads": threads},
+        params={**flatten(c), "runtime.threads": _torch_threads()},
         tags=tags,
         launch_dir=launch_dir,
-        resume_run_id=state.get("mlflow_run_id") if state else None,
+        resume_run_id=state.get("mlflow_run_id") if state else start.mlflow_run_id,
         fresh=state is None,
     )
     signals = StopSignals()
@@ -280,7 +383,7 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     except BaseException:
         tracker.close("FAILED")
         raise
-    return Session(p, run_dir, config_yaml, tracker, trainer, signals, checkpoint)
+    return Session(p, run_dir, config_yaml, tracker, trainer, signals, checkpoint, lock)
 
 
 def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
@@ -292,26 +395,39 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     ``checkpoints/nonfinite_step_*`` (not resumed from: it may hold part of an iteration's updates).
     """
     started = time.perf_counter()
-    session = build(cfg, run_dir)
+    try:
+        session = build(cfg, run_dir)
+    except RunFinished as done:  # rerunning a finished run's command: say so, log nothing twice
+        console.print(finished_message(done.start), highlight=False, soft_wrap=True)
+        return {**(done.start.finished or {}), "run_dir": str(done.start.run_dir), "already_finished": True}
     c, trainer, tracker = session.plan.cfg, session.trainer, session.tracker
     rank, _ = dist_rank()
     status = "FAILED"
     try:
         with session.signals:
             trainer.run()
+            if int(c["trainer"]["save_every"] or 0) and rank == 0:
+                session.checkpoint_now()  # the last step: a rerun after a kill, or an extension, starts here
+            session.signals.at_once = True  # from here a signal stops at once: nothing is left to lose
+            if session.signals.signum is not None:  # one that came after the last step's own check
+                raise StopNow(session.signals.signum)
             final = trainer.evaluate()
-        tracker.log_metrics(final, step=trainer.step)
-        if rank == 0:
-            _finish(session)
+            tracker.log_metrics(final, step=trainer.step)
+            if rank == 0:
+                _finish(session)
         status = "FINISHED"
     except NonFiniteError as exc:
         path = _save_for_inspection(session)
         raise NonFiniteError(f"{exc}; stopped; the state it reached is in {path}") from exc
+    except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
+        status = "KILLED"
+        raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now())) from None
     except (StopRequested, KeyboardInterrupt):
         status = "KILLED"
         raise
     finally:
         tracker.close(status)
+        session.release()
     summary = {
         **final,
         "steps": trainer.step,

@@ -29,3 +29,8 @@ def text_digits(prompts, completions, prompt_text, completion_text):
 def text_length(prompts, completions):
     """Text tasks: the number of characters of each completion (capped), for a few online steps."""
     return [float(min(len(c), 20)) for c in completions]
+
+
+def strings(prompts, completions):
+    """Not a number: a reward that returns text."""
+    return ["good" for _ in completions]

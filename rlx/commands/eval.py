@@ -17,15 +17,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--show", type=int, default=5, help="print N example completions")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    parser.add_argument(
+        "--reward-fn",
+        help="MODULE:FUNCTION for a reward=custom run (user code is never imported from the directory)",
+    )
     ns = parser.parse_args(argv)
     run_eval(ns)
 
 
 def run_eval(ns: argparse.Namespace) -> dict[str, float]:
     """``rlx eval``: rebuild the task and reward from the checkpoint's config and evaluate."""
-    from omegaconf import OmegaConf
-
-    from rlx.checkpoint import CONFIG_NAME, resolve_model_dir
+    from rlx.checkpoint import read_dir_config, resolve_model_dir
     from rlx.evaluate import evaluate
     from rlx.models import Sampling, load_pretrained
     from rlx.rewards import REWARDS
@@ -34,8 +36,8 @@ def run_eval(ns: argparse.Namespace) -> dict[str, float]:
     from rlx.train import plan
 
     model_dir = resolve_model_dir(Path(ns.path))
-    cfg = OmegaConf.load(model_dir / CONFIG_NAME)
-    cfg.trainer.device = ns.device
+    cfg = read_dir_config(model_dir, reward_fn=getattr(ns, "reward_fn", None))  # builds only rlx's own
+    cfg.setdefault("trainer", {})["device"] = ns.device
     p = plan(cfg)  # re-checks the run's config (and its task) on this machine
     reward = REWARDS.resolve(p.cfg["reward"], where="reward")
     rollout = p.cfg["rollout"]
@@ -45,7 +47,7 @@ def run_eval(ns: argparse.Namespace) -> dict[str, float]:
         top_p=float(rollout["top_p"]),
         max_new_tokens=rollout["max_new_tokens"],
     )
-    policy = load_pretrained(model_dir, p.task, str(cfg.model.get("name", "model")))
+    policy = load_pretrained(model_dir, p.task, str(cfg["model"].get("name", "model")))
     policy.model.to(resolve_device(ns.device)).eval()
     metrics, rows = evaluate(
         policy,

@@ -46,7 +46,11 @@ def _load(path: Path, task: Any, model_cfg: dict[str, Any]) -> Policy:
 
     from rlx.models import load_pretrained
 
-    archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+    try:  # trust_remote_code=False: a directory's auto_map code is never run
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise RlxError(f"{path}: cannot read its model config: {str(exc).strip().splitlines()[0]}") from exc
+    archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         raise RlxError(f"{path} is a reward model (algo=rm); rlx sample shows a policy's answers")
     policy = load_pretrained(path, task, str(model_cfg.get("name", "model")))
@@ -57,10 +61,9 @@ def _load(path: Path, task: Any, model_cfg: dict[str, Any]) -> Policy:
 
 
 def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
-    from omegaconf import OmegaConf
     from rich.table import Table
 
-    from rlx.checkpoint import CONFIG_NAME, resolve_model_dir
+    from rlx.checkpoint import CONFIG_NAME, read_dir_config, resolve_model_dir
     from rlx.models import build_model
     from rlx.registry import instantiate_checked
     from rlx.runtime import resolve_device, seed_everything
@@ -75,8 +78,7 @@ def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
     if not prompts:
         raise RlxError("give prompts with -p TEXT (repeatable) or --file FILE")
     model_dir = resolve_model_dir(Path(ns.path))
-    cfg = OmegaConf.to_container(OmegaConf.load(model_dir / CONFIG_NAME), resolve=True)
-    assert isinstance(cfg, dict)
+    cfg = read_dir_config(model_dir, use_reward=False)  # builds only rlx's own task and model
     task = instantiate_checked(cfg["task"], where="task")
     device = resolve_device(ns.device)
     r = cfg["rollout"]

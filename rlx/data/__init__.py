@@ -121,8 +121,14 @@ def _looks_local(source: str) -> bool:
 
 def _check_json_lines(path: Path) -> None:
     """datasets' JSON reader reports a bad line without its number: find it, and name file and line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes: binary garbage is a bad line, not a UnicodeDecodeError
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RlxError(
+                    f"{path} line {lineno}: not valid JSON (not UTF-8 text: {exc.reason})"
+                ) from exc
             if not line.strip():
                 continue
             try:

@@ -106,6 +106,7 @@ def write_sort_data(
     """
     if train < 1 or heldout < 1:
         raise RlxError(f"--train and --heldout must be >= 1, got {train} and {heldout}")
+    _check_out_dir(out)
     if candidates < 2:
         raise RlxError(f"--candidates must be >= 2 (the sorted answer and a wrong one), got {candidates}")
     task = SortTask(length=length, vocab=vocab, eval_size=task_eval_size, seed=task_seed)
@@ -130,7 +131,10 @@ def write_sort_data(
     sampled: dict[tuple[int, ...], list[str]] = {}
     if policy:
         sampled = _policy_mistakes(policy, task, prompts, policy_share, policy_samples, candidates - 1, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RlxError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from exc
     paths: dict[str, Path] = {}
     for split, part in (("train", prompts[:train]), ("heldout", prompts[train:])):
         sft, pairs = [], []
@@ -151,9 +155,21 @@ def write_sort_data(
             pairs.extend(_ranked_pairs(_text(p), [target, *wrong], target))
         for name, rows in (("sft", sft), ("pairs", pairs)):
             path = out / f"{name}_{split}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            try:
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            except OSError as exc:
+                raise RlxError(f"--out {out}: cannot write {path.name} ({exc.strerror or exc})") from exc
             paths[f"{name}_{split}"] = path
     return paths
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out`` is (or can become) a directory: checked before any work, creating nothing."""
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RlxError(f"--out {out}: {probe} is a file, not a directory")
 
 
 def _ranked_pairs(prompt: str, answers: list[list[int] | str], target: list[int]) -> list[dict[str, object]]:

@@ -206,12 +206,12 @@ class NonFiniteGuard:
         if math.isfinite(v):
             return True
         if self.mode == "stop":
-            raise NonFiniteError(f"non-finite {what} ({v}) at iteration {step}")
+            raise NonFiniteError(f"non-finite {what} ({v}) at iteration {step + 1}")  # h14 hook: 1-based
         self.skipped += 1
         self.in_row += 1
-        if self.in_row >= self.max_in_row:
+        if self.in_row >= self.max_in_row:  # h14 hook: iterations are 1-based in messages
             raise NonFiniteError(
-                f"non-finite {what} ({v}) at iteration {step}: {self.in_row} updates in a row skipped "
+                f"non-finite {what} ({v}) at iteration {step + 1}: {self.in_row} updates in a row skipped "
                 f"(trainer.max_nonfinite={self.max_in_row})"
             )
         return False

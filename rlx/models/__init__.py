@@ -64,8 +64,12 @@ def load_pretrained(path: str | Path, task: Task, name: str) -> Policy:
     if any(str(a).endswith("ForSequenceClassification") for a in archs):
         # AutoModelForCausalLM would load the trunk and invent a random LM head without a word
         raise RlxError(f"{path} is a reward model ({archs[0]}), not a causal LM policy")
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:  # trust_remote_code=False: code in a directory (config.json's auto_map) is never run
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise RlxError(f"{path}: cannot load a causal LM from this directory: {reason}") from exc
     return Policy(model, tokenizer, task, name)
 
 
@@ -155,7 +159,7 @@ def build_reward_model(node: dict[str, Any], task: Task) -> tuple[Any, Any]:
         hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, pad_token_id=tokenizer.pad_token_id
+                path, num_labels=1, pad_token_id=tokenizer.pad_token_id, trust_remote_code=False
             )
         except (OSError, ValueError) as exc:
             raise RlxError(f"cannot build a reward model from {path}: {str(exc).splitlines()[0]}") from exc

@@ -108,7 +108,10 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any]:
         raise RlxError(f"{path} is not a save_pretrained directory (no config.json)")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
+    try:  # trust_remote_code=False here and below: a directory's auto_map code is never run
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise RlxError(f"{path}: cannot read its model config: {str(exc).strip().splitlines()[0]}") from exc
     archs = getattr(config, "architectures", None) or []
     if getattr(config, "num_labels", None) != 1 or not any(
         a.endswith("ForSequenceClassification") for a in archs
@@ -117,6 +120,9 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any]:
             f"{path} is not a reward model: expected a sequence-classification checkpoint with "
             f"num_labels=1, found architectures={archs} num_labels={getattr(config, 'num_labels', None)}"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise RlxError(f"{path}: cannot load the reward model: {str(exc).strip().splitlines()[0]}") from exc
     return model, tokenizer

@@ -91,7 +91,7 @@ def score_completions(
     if len(scores) != n:
         raise RlxError(f"reward {name!r} returned {len(scores)} scores for {n} completions")
     if not _is_process(scores):
-        out = torch.tensor([float(s) for s in scores], dtype=torch.float32)
+        out = torch.tensor([_score(s, name, prompts[i], completions[i]) for i, s in enumerate(scores)])
         bad = (~torch.isfinite(out)).nonzero()
         if len(bad):
             i = int(bad[0])
@@ -103,7 +103,7 @@ def score_completions(
     lengths = mask.sum(-1).long().tolist()
     out = torch.zeros(n, t, dtype=torch.float32)
     for i, (row, length) in enumerate(zip(scores, lengths)):
-        row = [float(x) for x in row]
+        row = [_score(x, name, prompts[i], completions[i]) for x in row]
         if len(row) != length:
             raise RlxError(
                 f"process reward {name!r} returned {len(row)} scores for a completion of {length} "
@@ -117,6 +117,19 @@ def score_completions(
             )
         out[i, :length] = vals
     return out.to(mask.device)
+
+
+def _score(value: Any, name: str, prompt: Any, completion: Any) -> float:
+    """One score as a float, or one line naming the reward and what it returned instead of a number."""
+    if not isinstance(value, (str, bytes)) and value is not None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise RlxError(
+        f"reward {name!r} returned {value!r} ({type(value).__name__}), not a number, for prompt {prompt!r}, "
+        f"completion {completion!r}"
+    )
 
 
 def _first_failing_row(

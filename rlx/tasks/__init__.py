@@ -57,6 +57,12 @@ class Task(Protocol):
     def is_correct(self, prompt: Any, completion: Any, **columns: Any) -> bool: ...
 
 
+# Bounds of the integer tasks: one token per number (a larger vocabulary is an embedding table that
+# exhausts memory), and a prompt or answer longer than any model rlx builds for them has positions.
+MAX_VOCAB = 100_000
+MAX_LENGTH = 4096
+
+
 class NumberText:
     """Text codec of the number tasks (sort, tokens): prompts are space-separated numbers 0..vocab-1,
     completion tokens spell one number each."""

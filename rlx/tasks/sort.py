@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rlx.errors import RlxError
-from rlx.tasks import NumberText, PromptBatch
+from rlx.tasks import MAX_LENGTH, MAX_VOCAB, NumberText, PromptBatch
 
 _EVAL_STREAM = 0x5EED_E7A1  # separates the evaluation draw from every training step's draw
 
@@ -33,6 +33,8 @@ class SortTask(NumberText):
         prompts: list[list[int]] | None = None,
     ) -> None:
         if prompts is not None:
+            if not all(isinstance(p, list) and all(isinstance(x, int) for x in p) for p in prompts):
+                raise RlxError(f"task.prompts must be a list of integer lists, got {prompts!r:.200}")
             prompts = [list(map(int, p)) for p in prompts]
             if not prompts or any(len(p) != len(prompts[0]) for p in prompts):
                 raise RlxError("task.prompts must be a non-empty list of equal-length integer lists")
@@ -42,6 +44,10 @@ class SortTask(NumberText):
             raise RlxError(f"task.length must be at least 1, got {length}")
         if vocab < 2:
             raise RlxError(f"task.vocab must be at least 2, got {vocab}")
+        if length > MAX_LENGTH or vocab > MAX_VOCAB:
+            raise RlxError(f"task.length={length}, task.vocab={vocab}: at most {MAX_LENGTH} and {MAX_VOCAB}")
+        if seed < 0:
+            raise RlxError(f"task.seed must be >= 0, got {seed}")
         if prompts is not None and any(min(p) < 0 for p in prompts):
             raise RlxError("task.prompts must hold integers >= 0")
         self.length = int(length)

@@ -40,6 +40,10 @@ class TextPromptTask:
             raise RlxError("task=text needs task.path=<prompt file or hub dataset>")
         if max_new_tokens < 1:
             raise RlxError(f"task.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if seed < 0:
+            raise RlxError(f"task.seed must be >= 0, got {seed}")
+        if eval_path is None and eval_size < 1:  # checked again against the file's size below
+            raise RlxError(f"task.eval_size must be >= 1, got {eval_size}")
         rows, _ = read_examples(path, "prompts", fmt=format, columns=columns, split=split, where="task.path")
         prompts = [r.prompt for r in rows]
         refs = [r.completion for r in rows]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlx.errors import RlxError
-from rlx.tasks import NumberText, PromptBatch
+from rlx.tasks import MAX_LENGTH, MAX_VOCAB, NumberText, PromptBatch
 
 
 class TokensTask(NumberText):
@@ -23,6 +23,8 @@ class TokensTask(NumberText):
             raise RlxError(f"task.vocab must be at least 2, got {vocab}")
         if length < 1:
             raise RlxError(f"task.length must be at least 1, got {length}")
+        if length > MAX_LENGTH or vocab > MAX_VOCAB:
+            raise RlxError(f"task.length={length}, task.vocab={vocab}: at most {MAX_LENGTH} and {MAX_VOCAB}")
         for key, value in (("start", start), ("target", target)):
             if not 0 <= value < vocab:
                 raise RlxError(f"task.{key}={value} must be a token in 0..{vocab - 1}")
