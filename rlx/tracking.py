@@ -242,8 +242,11 @@ class Tracker:
         launch_dir: Path,
         resume_run_id: str | None = None,
         fresh: bool = True,
+        run_name: str | None = None,
+        parent: Mapping[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.run_name = run_name or logger_cfg.get("run_name")
         self.rank, _ = dist_rank()
         self.enabled = self.rank == 0
         self.history: list[dict[str, float]] = []
@@ -266,11 +269,19 @@ class Tracker:
                 uri, artifact_root, lock = local_store(logger_cfg.get("store_dir"), launch_dir)
             else:
                 http_settings(logger_cfg)
+            tags = dict(tags)
+            if (  # a sweep job: its parent run, when both live in the same store and experiment
+                parent
+                and parent.get("parent_run_id")
+                and parent.get("tracking_uri") == str(uri)
+                and parent.get("experiment") == self.experiment
+            ):
+                tags["mlflow.parentRunId"] = str(parent["parent_run_id"])
             self.mlflow = MlflowSink(
                 tracking_uri=str(uri),
                 artifact_root=artifact_root,
                 experiment=self.experiment,
-                run_name=logger_cfg.get("run_name"),
+                run_name=self.run_name,
                 params=params,
                 tags=tags,
                 resume_run_id=resume_run_id,
@@ -284,6 +295,7 @@ class Tracker:
             "tracking_uri": self.mlflow.tracking_uri if self.mlflow else None,
             "experiment": self.experiment,
             "run_id": self.run_id,
+            "run_name": self.run_name,
             "status": status,
             "mlflow_ok": bool(self.mlflow and self.mlflow.ok),
         }

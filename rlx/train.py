@@ -26,6 +26,7 @@ from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Plan, Trainer
 from rlx.models import Policy, build_model
 from rlx.registry import check_type, instantiate_checked
 from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
+from rlx.runinfo import read_sweep, run_name, run_tags
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, flatten, summary_table
@@ -83,16 +84,19 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     return Plan(cfg=c, task=task, loop=entry.name, settings=entry.meta["plan"](c, task), device=device)
 
 
-def _hydra_job() -> tuple[Path, Path, str]:
-    """(this job's output directory, the directory rlx was launched from, the job's overrides)."""
+def _hydra_job() -> tuple[Path, Path, list[str], Path | None]:
+    """(this job's output directory, the directory rlx was launched from, the job's overrides, the
+    sweep directory of a multirun job or None)."""
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        return Path(hc.runtime.output_dir), Path(hc.runtime.cwd), " ".join(hc.overrides.task)
+        sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+        return Path(hc.runtime.output_dir), Path(hc.runtime.cwd), list(hc.overrides.task), sweep_dir
     except ValueError:  # not under @hydra.main (tests call train() directly)
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
-        return Path("outputs") / stamp, Path.cwd(), ""
+        return Path("outputs") / stamp, Path.cwd(), [], None
 
 
 def _build_policy(p: Plan) -> Policy:
@@ -220,7 +224,7 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     c = p.cfg
     t = c["trainer"]
     rank, _ = dist_rank()
-    default_dir, launch_dir, overrides = _hydra_job()
+    default_dir, launch_dir, overrides, sweep_dir = _hydra_job()
     run_dir = Path(run_dir or default_dir)
     checkpoint = find_checkpoint(t.get("resume"), run_dir)
     state: dict[str, Any] | None = None
@@ -232,15 +236,10 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     if state is not None and rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows written after the checkpoint
             truncate_jsonl(run_dir / name, int(state["step"]))
-    tags = {
-        "algo": str(c["algo"].get("name")),
-        "model": str(c["model"].get("name")),
-        "task": str(c["task"].get("name")),
-        "reward": str(c["reward"].get("name")),
-        "run_dir": str(run_dir.resolve()),
-        "overrides": overrides[:5000],
-    }
-    seed_everything(int(t["seed"]) + rank)
+    sweep = read_sweep(sweep_dir) if sweep_dir is not None else {}
+    tags = run_tags(c, run_dir=run_dir, overrides=overrides, launch_dir=launch_dir)
+    # The tracker (and so the MLflow run) is made before the training seed is set, and rlx names the
+    # run itself: MLflow draws its random run names from Python's `random`.
     tracker = Tracker(
         run_dir,
         c["logger"],
@@ -249,7 +248,10 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
         launch_dir=launch_dir,
         resume_run_id=state.get("mlflow_run_id") if state else None,
         fresh=state is None,
+        run_name=run_name(c, overrides, list(sweep.get("swept") or [])),
+        parent=sweep,
     )
+    seed_everything(int(t["seed"]) + rank)
     signals = StopSignals()
     try:
         ctx = LoopContext(
