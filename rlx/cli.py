@@ -50,6 +50,7 @@ def _hydra_main() -> Any:
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_PACKAGE}", config_name="train")
     def _train(cfg: DictConfig) -> float | None:
+        from rlx.sweeps import objective_of, objective_value
         from rlx.train import train
 
         try:
@@ -60,9 +61,20 @@ def _hydra_main() -> Any:
             fail(str(exc), code=128 + exc.signum, prefix="")
         except KeyboardInterrupt:  # a second Ctrl-C: out at once
             fail("interrupted", code=130, prefix="")
-        return summary.get("eval/exact")  # the objective a Hydra sweeper maximises
+        # The objective a search sweeper (Optuna) optimises: hparams_search.objective, a final metric.
+        value = objective_value(cfg, summary)
+        if value is None and _searching():
+            fail(f"hparams_search.objective={objective_of(cfg)[0]!r} is not a metric this run logged")
+        return value
 
     return _train
+
+
+def _searching() -> bool:
+    """True in a job of a sweep whose sweeper is not Hydra's basic one (it needs a return value)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -123,6 +135,13 @@ def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         hint = f"; keys of {parent or 'the config'}: {', '.join(valid)}" if valid else ""
         return f"unknown key {key!r}{hint}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "Ambiguous value" in text:  # Hydra's hints (a forgotten -m: "add --multirun"), kept on one line
+        import re
+
+        hints = [re.sub(r"^\d+\.\s*", "", line.strip()) for line in text.strip().splitlines()[1:]]
+        return "; ".join([first, *(h for h in hints if h)])
+    if "does not support sweep type" in text:  # interval(...) etc. need a search sweeper
+        first += " (a search needs a search sweeper: hparams_search=<preset> or hydra/sweeper=optuna)"
     return first
 
 
@@ -153,16 +172,67 @@ def _compose(overrides: list[str]) -> Any:
 
 
 def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override lists of every job a (basic) sweep would run; one job when not sweeping."""
+    """The override lists of every job a (basic) sweep would run; one job when not sweeping.
+
+    Another sweeper (Optuna: ``interval(...)``, ``tag(log, ...)``, its ``params``) picks its jobs as it
+    goes: then one job, with one value of each swept key, stands for them all (`_one_job`)."""
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    if not multirun:
-        return [job_overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(job_overrides)
+    sweeper, params, mode = _sweeper_of(overrides, parsed)
+    if not sweeper.endswith("BasicSweeper"):
+        return [_one_job(parsed, params)]
+    if not (multirun or mode == "MULTIRUN"):  # a sweep without -m fails in Hydra's words (add --multirun)
+        return [job_overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
+
+
+def _one_value(override: Any) -> str:
+    """``key=<one value>`` of a sweep override: the first of a list or range, an interval's start."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return f"{override.get_key_element()}={value.start}"
+    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+
+
+def _one_job(parsed: list[Any], params: dict[str, str]) -> list[str]:
+    """One job of a non-basic sweep: fixed overrides as given, one value of each swept key (the
+    command line's and the sweeper's ``params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = {o.key_or_group for o in parsed}
+    extra = OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in params.items() if k not in given]
+    )
+    return [_one_value(o) if o.is_sweep_override() else o.input_line for o in [*parsed, *extra]]
+
+
+def _sweeper_of(overrides: list[str], parsed: list[Any]) -> tuple[str, dict[str, str], str]:
+    """(the configured sweeper's class path, its ``params``, ``hydra.mode``) from the config these
+    overrides make."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    fixed += [o for o in overrides if o.lstrip("+~").startswith("hydra") and "," not in o]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=fixed, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    node = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+    assert isinstance(params, dict)
+    mode = str(getattr(cfg.hydra.mode, "name", cfg.hydra.mode))
+    return str(cfg.hydra.sweeper._target_), {str(k): str(v) for k, v in params.items()}, mode
 
 
 def check_writable(path: Path, what: str) -> None:

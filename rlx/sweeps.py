@@ -38,6 +38,37 @@ def objective_of(cfg: Mapping[str, Any] | DictConfig) -> tuple[str, str]:
     return str(hs.get("objective") or DEFAULT_OBJECTIVE), direction
 
 
+def objective_value(cfg: Mapping[str, Any] | DictConfig, summary: Mapping[str, Any]) -> float | None:
+    """The value of ``hparams_search.objective`` for a finished run: its final metrics (summary), else
+    the last value the run logged under that name (``metrics.jsonl``); None when it logged none."""
+    import json
+
+    objective, _ = objective_of(cfg)
+    if isinstance(summary.get(objective), (int, float)):
+        return float(summary[objective])
+    value = None
+    path = Path(str(summary.get("run_dir", ""))) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if isinstance(row.get(objective), (int, float)):
+                value = float(row[objective])
+    return value
+
+
+def _set_search_direction(config: DictConfig, direction: str) -> None:
+    """Optuna's sweeper minimises unless told otherwise; rlx's objective is maximised by default. Unless
+    the command line sets ``hydra.sweeper.direction``, it follows ``hparams_search.direction``."""
+    from omegaconf import open_dict, read_write
+
+    if "optuna" not in str(OmegaConf.select(config, "hydra.sweeper._target_") or "").lower():
+        return
+    if any(str(o).startswith("hydra.sweeper.direction=") for o in config.hydra.overrides.hydra):
+        return
+    with read_write(config.hydra.sweeper), open_dict(config.hydra.sweeper):
+        config.hydra.sweeper.direction = direction
+
+
 def swept_overrides(config: DictConfig) -> tuple[list[str], list[str]]:
     """(the sweep's overrides that vary, their keys): command-line sweeps (``a=1,2``, ``range``,
     Optuna's ``interval(...)``) and the sweeper's ``params`` (an hparams_search preset)."""
@@ -82,6 +113,7 @@ class SweepCallback(Callback):
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
         assert isinstance(logger, dict)
         objective, direction = objective_of(config)
+        _set_search_direction(config, direction)
         search = "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_") or "").lower()
         name = str(logger.get("run_name") or ("search " if search else "sweep ") + " ".join(swept))[:250]
         self.info = {

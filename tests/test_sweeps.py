@@ -81,3 +81,30 @@ def test_a_failing_sweep_ends_its_parent_run_failed(tmp_path):
     _, parents, children = _runs(store, "fail")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert {c.info.status for c in children} == {"FINISHED", "FAILED"}
+
+
+def test_an_optuna_search_of_three_trials_names_its_best_trial(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    store = tmp_path / "store"
+    res = run_rlx(
+        "train", "hparams_search=sort_grpo", "hydra.sweeper.n_trials=3",
+        "hparams_search.objective=reward/mean", *TINY, f"logger.store_dir={store}",
+        "logger.experiment=search", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Directions: ['maximize']" in res.stdout + res.stderr
+    client, parents, children = _runs(store, "search")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("search trainer.lr=tag(log, interval(1e-4, 3e-3))")
+    assert parent.data.tags["objective"] == "reward/mean" and parent.data.tags["direction"] == "maximize"
+    study = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    best = next(c for c in children if c.info.run_name == parent.data.tags["best.run_name"])
+    # the parent's best trial is Optuna's best: its value is the maximum and its parameters Optuna's
+    assert best.data.metrics["reward/mean"] == max(c.data.metrics["reward/mean"] for c in children)
+    assert best.data.metrics["reward/mean"] == pytest.approx(study["best_value"])
+    assert float(best.data.params["trainer.lr"]) == pytest.approx(study["best_params"]["trainer.lr"])
+    assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
