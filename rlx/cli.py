@@ -1,7 +1,8 @@
 """``rlx``: the command line. Thin: ``train`` hands its arguments to Hydra, the rest to small handlers.
 
 rlx train [overrides]        train one job (Hydra: --help, --cfg job, -m for a sweep)
-rlx eval RUN_DIR|CHECKPOINT  held-out reward and exact accuracy of a run's final model
+rlx eval RUN_DIR|CHECKPOINT ...  held-out reward and exact accuracy of runs' final models
+rlx runs [DIR|SWEEP_DIR ...]  a table of runs (final metrics, status, wall time); --plot out.png
 rlx data sort --out DIR      write sort-task SFT demonstrations and preference pairs (JSONL)
 rlx sample RUN_DIR -p TEXT   a checkpoint's answers to prompts, side by side with its base model's
 rlx sync RUN_DIR             upload a run's metrics and artifacts to MLflow (after a lost server)
@@ -298,7 +299,7 @@ def cmd_train(args: list[str]) -> None:
 
 
 # Every command but train lives in rlx.commands.<name> (imported only when it runs).
-COMMANDS = ("train", "eval", "data", "sample", "sync")
+COMMANDS = ("train", "eval", "runs", "data", "sample", "sync")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -260,6 +260,8 @@ class Tracker:
                 if (run_dir / name).exists():
                     (run_dir / name).replace(run_dir / f"{name}.prev")
         self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.started = time.time()
+        self.ended: float | None = None
         self.experiment = str(logger_cfg.get("experiment") or "rlx")
         name = logger_cfg.get("name", "none")
         if name == "mlflow":
@@ -298,6 +300,8 @@ class Tracker:
             "run_name": self.run_name,
             "status": status,
             "mlflow_ok": bool(self.mlflow and self.mlflow.ok),
+            "started": self.started,  # wall clock (epoch seconds) of this process's part of the run
+            "ended": self.ended,
         }
         tmp = self.run_dir / f".{TRACKING_FILE}.tmp"
         tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
@@ -326,6 +330,7 @@ class Tracker:
         if self.mlflow:
             self.mlflow.close(status)
         if self.enabled and self._jsonl:
+            self.ended = time.time()
             self._write_tracking_file(status)
         if self._jsonl:
             self._jsonl.close()
