@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,11 +68,13 @@ class MlflowSink:
         tags: Mapping[str, str],
         resume_run_id: str | None = None,
         store_lock: Path | None = None,
+        system_metrics: float | None = None,
     ) -> None:
         self.run_id: str | None = None
         self.tracking_uri = tracking_uri
         self.resumed = False
         self._ok = True
+        self._monitor: Any = None
         # Metric batches go out asynchronously to the local store (SQLite writes would otherwise
         # cost a few ms per step); to a server they are sent synchronously, so a lost server is
         # noticed at once instead of filling a queue of retries.
@@ -80,6 +83,22 @@ class MlflowSink:
         self._guard(
             "start", self._start, artifact_root, experiment, run_name, params, tags, resume_run_id, store_lock
         )
+        if system_metrics and self.run_id is not None:
+            self._guard("system metrics", self._start_system_metrics, float(system_metrics))
+
+    def _start_system_metrics(self, interval: float) -> None:
+        """MLflow's own monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on this run, every
+        ``interval`` seconds, as ``system/*`` metrics; a resumed run continues its steps."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # a lost server: rlx warns once
+        self._monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=interval,
+            resume_logging=self.resumed,
+            tracking_uri=self.tracking_uri,
+        )
+        self._monitor.start()
 
     def _start(
         self,
@@ -95,6 +114,7 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Creating initial tables" chatter
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log_table re-reads its file
         # Parallel jobs on one SQLite store: creating its tables and the experiment is serialised by a
         # file lock beside the database (MLflow's schema set-up is not safe to run concurrently).
         lock = FileLock(str(store_lock)) if store_lock else contextlib.nullcontext()
@@ -163,8 +183,54 @@ class MlflowSink:
 
         self._guard("log_artifact", send)
 
+    def log_table(self, data: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """An MLflow table (``MlflowClient.log_table``): the UI shows it, and compares it across runs;
+        rows logged again to the same file are appended."""
+
+        def send() -> None:
+            self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+
+        self._guard("log_table", send)
+
+    def log_transformers_model(self, model_dir: Path, name: str = "model") -> None:
+        """The saved model through MLflow's transformers flavor (a text-generation pipeline), so it can
+        be registered and loaded with ``mlflow.transformers.load_model``."""
+
+        def send() -> None:
+            import huggingface_hub.constants
+            import mlflow.transformers
+            from transformers import pipeline
+            from transformers.utils import logging as hf_logging
+
+            previous = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(self.tracking_uri)  # the flavor logs through the fluent API
+            # The model is a local directory: the flavor still asks the hub for a model card and a
+            # license under its name (a path here), a minute of retries on an offline machine.
+            offline = huggingface_hub.constants.HF_HUB_OFFLINE
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+            logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no card, no license: known
+            hf_logging.disable_progress_bar()
+            try:
+                path = str(model_dir)
+                pipe = pipeline("text-generation", model=path, tokenizer=path, device="cpu")
+                # Requirements named, not inferred (MLflow's inference imports the model in a subprocess).
+                reqs = [f"{m}=={importlib.metadata.version(m)}" for m in ("mlflow", "transformers", "torch")]
+                # The run is entered and left by the fluent API, which marks it FINISHED on the way out;
+                # Tracker.close sets its real status right after (this is the last thing logged).
+                with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                    mlflow.transformers.log_model(pipe, name=name, pip_requirements=reqs)
+            finally:
+                mlflow.set_tracking_uri(previous)
+                huggingface_hub.constants.HF_HUB_OFFLINE = offline
+                hf_logging.enable_progress_bar()
+
+        self._guard("log_model", send)
+
     def close(self, status: str) -> None:
         def end() -> None:
+            if self._monitor is not None:
+                self._monitor.finish()
+                self._monitor = None
             # Wait on this run's own batches. (mlflow.flush_async_logging() would go through the
             # fluent API, which opens a default store, an mlflow.db in the working directory.)
             for ops in self._pending:
@@ -176,18 +242,28 @@ class MlflowSink:
             self._guard("close", end)
 
 
+# MLflow 3's UI opens an experiment by its kind (the tag below; values from the UI's own enum): without
+# it, it guesses, and an experiment of rlx runs opened as a GenAI app (Traces, "No data available").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def ensure_experiment(client: Any, name: str, artifact_root: str | None) -> str:
-    """The id of experiment ``name``, created (with its artifacts under ``artifact_root``) if new."""
+    """The id of experiment ``name``, created (with its artifacts under ``artifact_root``) if new, and
+    marked as model training unless someone chose its kind already."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    try:
-        location = f"{artifact_root}/{name}" if artifact_root else None
-        return str(client.create_experiment(name, artifact_location=location))
-    except MlflowException:  # created meanwhile by a parallel job on a server
-        return str(client.get_experiment_by_name(name).experiment_id)
+    if exp is None:
+        try:
+            location = f"{artifact_root}/{name}" if artifact_root else None
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a parallel job on a server
+            pass
+        exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return str(exp.experiment_id)
 
 
 def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
@@ -227,6 +303,43 @@ def http_settings(logger_cfg: Mapping[str, Any]) -> None:
 
 
 TRACKING_FILE = "tracking.json"
+COMPLETIONS_TABLE = "eval_completions.json"
+
+# Listeners of held-out evaluations: `rlx.evaluate.evaluate` hands each one its per-prompt rows, and a
+# tracker logs them as an MLflow table with the evaluation's metrics (the loops stay unaware of it).
+EVAL_ROW_SINKS: list[Callable[[list[dict[str, Any]]], None]] = []
+
+
+def publish_eval_rows(rows: list[dict[str, Any]]) -> None:
+    for sink in list(EVAL_ROW_SINKS):
+        sink(rows)
+
+
+def completions_table(rows: list[dict[str, Any]], step: int) -> dict[str, list[Any]]:
+    """Evaluation rows as table columns: step, prompt, completion, reward, exact."""
+
+    def text(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    return {
+        "step": [step] * len(rows),
+        "prompt": [text(r.get("prompt_text", r.get("prompt"))) for r in rows],
+        "completion": [text(r.get("completion_text", r.get("completion"))) for r in rows],
+        "reward": [float(r.get("reward", math.nan)) for r in rows],
+        "exact": [bool(r.get("exact")) for r in rows],
+    }
+
+
+def is_stock_transformers(model_dir: Path) -> bool:
+    """A model directory whose ``config.json`` names an architecture transformers itself ships (not one
+    registered at run time, like rlx's toy models): the MLflow transformers flavor can load it."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, ImportError):
+        return False
+    return model_type in CONFIG_MAPPING_NAMES
 
 
 class Tracker:
@@ -252,6 +365,8 @@ class Tracker:
         self.history: list[dict[str, float]] = []
         self.mlflow: MlflowSink | None = None
         self._jsonl = None
+        self._table_rows = 0
+        self._staged: list[dict[str, Any]] = []
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +403,13 @@ class Tracker:
                 tags=tags,
                 resume_run_id=resume_run_id,
                 store_lock=lock,
+                system_metrics=float(logger_cfg.get("system_metrics_interval") or 10)
+                if logger_cfg.get("system_metrics", True)
+                else None,
             )
+            self._table_rows = int(logger_cfg.get("completions_table_rows", 32) or 0)
+            if self._table_rows:
+                EVAL_ROW_SINKS.append(self._stage_eval_rows)
         self._write_tracking_file("RUNNING")
 
     def _write_tracking_file(self, status: str) -> None:
@@ -321,12 +442,34 @@ class Tracker:
         self._jsonl.flush()
         if self.mlflow:
             self.mlflow.log_metrics(metrics, step)
+            if self._staged and any(k.startswith("eval/") for k in metrics):
+                self.mlflow.log_table(completions_table(self._staged, step), COMPLETIONS_TABLE)
+                self._staged = []
+
+    def _stage_eval_rows(self, rows: list[dict[str, Any]]) -> None:
+        """The rows of the evaluation just run: logged with its metrics, at its step (`log_metrics`)."""
+        self._staged = list(rows[: self._table_rows])
+
+    def log_model(self, model_dir: Path, how: str | bool) -> str | None:
+        """The final model: ``how`` = auto (MLflow's transformers flavor for a stock transformers model,
+        else the plain directory), transformers, artifact, or false. Returns what was logged."""
+        if not (self.enabled and self.mlflow) or how in (False, "false", "none", None):
+            return None
+        if how in ("auto", True, "true"):
+            how = "transformers" if is_stock_transformers(model_dir) else "artifact"
+        if how == "transformers":
+            self.mlflow.log_transformers_model(model_dir)
+        else:
+            self.mlflow.log_artifact(model_dir, "model")
+        return str(how)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.mlflow and path.exists():
             self.mlflow.log_artifact(path, artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
+        if self._stage_eval_rows in EVAL_ROW_SINKS:
+            EVAL_ROW_SINKS.remove(self._stage_eval_rows)
         if self.mlflow:
             self.mlflow.close(status)
         if self.enabled and self._jsonl:

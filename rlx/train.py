@@ -336,5 +336,4 @@ def _finish(session: Session) -> None:
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
         tracker.log_artifact(run_dir / name)
     tracker.log_artifact(png)
-    if c["logger"].get("log_model", True):
-        tracker.log_artifact(final_dir, "model")
+    tracker.log_model(final_dir, c["logger"].get("log_model", "auto"))
