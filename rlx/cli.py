@@ -287,7 +287,17 @@ def precheck(overrides: list[str], multirun: bool) -> None:
             raise RlxError(f"bad config: {str(exc).splitlines()[0]}") from exc
 
 
+# rlx train's own flags, turned into Hydra overrides of rlx's job logging (conf/hydra/job_logging/rlx.yaml)
+VERBOSITY = {
+    "-q": "hydra.job_logging.root.level=WARNING",  # warnings and errors only: no bar, no summary
+    "--quiet": "hydra.job_logging.root.level=WARNING",
+    "-v": "hydra.verbose=rlx",  # Hydra's own switch: DEBUG for rlx's loggers
+    "--verbose": "hydra.verbose=rlx",
+}
+
+
 def cmd_train(args: list[str]) -> None:
+    args = [VERBOSITY.get(a, a) for a in args]
     overrides, multirun, skip = _split_args(args)
     if not skip:
         try:

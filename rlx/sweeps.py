@@ -166,9 +166,9 @@ class SweepCallback(Callback):
         try:
             summarise(self.info, self.sweep_dir, status)
         except Exception as exc:  # the sweep's own results are on disk already; say so and go on
-            from rlx.tracking import console
+            from rlx.tracking import log
 
-            console.print(f"[yellow]rlx: warning: could not summarise the sweep in MLflow: {exc}[/yellow]")
+            log.warning(f"rlx: warning: could not summarise the sweep in MLflow: {exc}")
 
 
 def _better(a: float, b: float, direction: str) -> bool:

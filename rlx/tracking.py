@@ -23,19 +23,64 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from rlx.runtime import dist_rank
 
 console = Console(stderr=True)
+log = logging.getLogger("rlx")
+
+
+class _LevelStyledHandler(RichHandler):
+    """rich's RichHandler on rlx's console (so log lines print above the live progress bar), the
+    message alone on the console (the job's log file has time, logger and level), warnings in yellow
+    and errors in red."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False) and super().filter(record)
+
+    def render_message(self, record: logging.LogRecord, message: str) -> ConsoleRenderable:
+        text = super().render_message(record, message)
+        if isinstance(text, Text) and record.levelno >= logging.WARNING:
+            text.stylize("red" if record.levelno >= logging.ERROR else "yellow")
+        return text
+
+
+def rich_handler() -> logging.Handler:
+    """The console handler of rlx's Hydra job logging (conf/hydra/job_logging/rlx.yaml)."""
+    return _LevelStyledHandler(
+        console=console, show_time=False, show_level=False, show_path=False, markup=False, highlighter=None
+    )
+
+
+def ensure_logging() -> None:
+    """Outside Hydra's job logging (tests, `rlx eval`): rlx's records still reach the console."""
+    if not logging.getLogger().handlers and not log.handlers:
+        log.addHandler(rich_handler())
+        log.setLevel(logging.INFO)
+
+
+def as_text(renderable: Any) -> str:
+    """A rich renderable (a table) as the console would show it, for the log: console and file alike."""
+    import io
+
+    out = Console(file=io.StringIO(), width=console.width, color_system=None, force_terminal=False)
+    out.print(renderable)
+    lines = out.file.getvalue().rstrip("\n").splitlines()  # type: ignore[attr-defined]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,11 +172,9 @@ class MlflowSink:
             self.client.update_run(resume_run_id, status="RUNNING")
             return
         if resume_run_id:
-            console.print(
-                f"[yellow]rlx: warning: MLflow run {resume_run_id} of the checkpoint is not in "
-                f"{self.tracking_uri}; the resumed run is logged as a new MLflow run[/yellow]",
-                highlight=False,
-                soft_wrap=True,
+            log.warning(
+                f"rlx: warning: MLflow run {resume_run_id} of the checkpoint is not in "
+                f"{self.tracking_uri}; the resumed run is logged as a new MLflow run"
             )
         run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
@@ -150,12 +193,10 @@ class MlflowSink:
         except Exception as exc:  # a lost server must never stop training
             self._ok = False
             reason = (str(exc).strip().splitlines() or [""])[0][:300]
-            console.print(
-                f"[yellow]rlx: warning: MLflow ({self.tracking_uri}) failed at {what}: "
+            log.warning(
+                f"rlx: warning: MLflow ({self.tracking_uri}) failed at {what}: "
                 f"{type(exc).__name__}: {reason}. Training continues; metrics keep going to "
-                "metrics.jsonl; `rlx sync <run dir>` uploads them later.[/yellow]",
-                highlight=False,
-                soft_wrap=True,
+                "metrics.jsonl; `rlx sync <run dir>` uploads them later."
             )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -358,6 +399,7 @@ class Tracker:
         run_name: str | None = None,
         parent: Mapping[str, Any] | None = None,
     ) -> None:
+        ensure_logging()
         self.run_dir = run_dir
         self.run_name = run_name or logger_cfg.get("run_name")
         self.rank, _ = dist_rank()
@@ -480,6 +522,18 @@ class Tracker:
             self._jsonl = None
 
 
+class RateColumn(ProgressColumn):
+    """Iterations per second (rich's own speed columns count bytes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("? it/s", style="progress.data.speed")
+        return Text(
+            f"{speed:.2f} it/s" if speed >= 0.1 else f"{1 / speed:.1f} s/it", style="progress.data.speed"
+        )
+
+
 class LiveProgress:
     """A rich progress bar over training iterations with the key metrics beside it."""
 
@@ -491,14 +545,19 @@ class LiveProgress:
     }
 
     def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.total, self.description = total, description
+        self._next_log = 0  # the log file gets a progress line every 10% (the console has the bar)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=24),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
+            RateColumn(),
             TimeElapsedColumn(),
+            TextColumn("<"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[metrics]}"),
             console=console,
-            disable=not enabled,
+            disable=not (enabled and log.isEnabledFor(logging.INFO)),  # -q: no bar
         )
         self.task = self.progress.add_task(description, total=total, metrics="")
         self.latest: dict[str, float] = {}
@@ -516,6 +575,19 @@ class LiveProgress:
             f"{label}={self.latest[k]:.3g}" for k, label in self.KEYS.items() if k in self.latest
         )
         self.progress.update(self.task, completed=step, metrics=shown)
+        if step >= self._next_log or step == self.total:
+            self._next_log = step + max(self.total // 10, 1)
+            task = self.progress.tasks[0]
+            speed = task.speed or 0.0
+            left = (
+                f", {time.strftime('%H:%M:%S', time.gmtime(task.time_remaining))} left"
+                if task.time_remaining
+                else ""
+            )
+            log.info(
+                f"{self.description} {step}/{self.total} ({speed:.2f} it/s{left}) {shown}",
+                extra={"file_only": True},
+            )
 
 
 def summary_table(title: str, rows: Mapping[str, Any]) -> Table:

@@ -8,6 +8,8 @@ and always ends its MLflow run.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import threading
 import time
@@ -29,7 +31,7 @@ from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_js
 from rlx.runinfo import read_sweep, run_name, run_tags
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.tasks import Task
-from rlx.tracking import Tracker, console, flatten, summary_table
+from rlx.tracking import Tracker, as_text, console, flatten, log, summary_table
 
 # Types of the settings every loop shares; each loop checks its own (`algo.*` and the pieces).
 SETTING_TYPES: dict[str, dict[str, Any]] = {
@@ -100,7 +102,9 @@ def _hydra_job() -> tuple[Path, Path, list[str], Path | None]:
 
 
 def _build_policy(p: Plan) -> Policy:
-    with console.status(f"building model {p.cfg['model'].get('name', '')}", spinner="dots"):
+    quiet = not log.isEnabledFor(logging.INFO)  # rlx train -q
+    spinner = console.status(f"building model {p.cfg['model'].get('name', '')}", spinner="dots")
+    with contextlib.nullcontext() if quiet else spinner:
         policy = build_model(p.cfg["model"], p.task)
         policy.model.to(p.device)
         policy.model.eval()  # no dropout in RL; gradients still flow
@@ -166,7 +170,7 @@ class StopSignals:
         if self.signum is not None:  # the second signal: no more waiting
             raise KeyboardInterrupt
         self.signum = signum
-        console.print(
+        console.print(  # not through logging: a signal handler must not wait on logging's locks
             f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             "(Ctrl-C again to exit at once)[/yellow]"
         )
@@ -252,6 +256,10 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
         parent=sweep,
     )
     seed_everything(int(t["seed"]) + rank)
+    log.debug(
+        f"run {tracker.run_name} in {run_dir}; MLflow run {tracker.run_id}; "
+        f"resuming from {checkpoint}; loop {p.loop}; device {p.device}; seed {int(t['seed']) + rank}"
+    )
     signals = StopSignals()
     try:
         ctx = LoopContext(
@@ -269,7 +277,7 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
         trainer = LOOPS.get(p.loop).fn(ctx)
         if checkpoint is not None and state is not None:
             _restore(trainer, checkpoint, state)
-            console.print(f"resumed from {checkpoint} at step {trainer.step}")
+            log.info(f"resumed from {checkpoint} at step {trainer.step}")
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -314,7 +322,7 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     }
     if rank == 0:
         title = f"rlx train: algo={c['algo'].get('name')} reward={c['reward'].get('name')}"
-        console.print(summary_table(title, summary))
+        log.info(as_text(summary_table(title, summary)))
     return summary
 
 
