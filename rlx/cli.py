@@ -236,6 +236,25 @@ def _sweeper_of(overrides: list[str], parsed: list[Any]) -> tuple[str, dict[str,
     return str(cfg.hydra.sweeper._target_), {str(k): str(v) for k, v in params.items()}, mode
 
 
+# Sections rlx reads key by key: a key added to one with `+` would be ignored, so it is refused. (Other
+# sections pass added keys on: `+optimizer.amsgrad=true` to the optimizer, `+reward.x=1` to a reward,
+# whose own check names its valid keys.)
+FIXED_SECTIONS = ("trainer", "rollout", "eval", "logger", "hparams_search")
+
+
+def _refuse_added_key(override: str) -> None:
+    """``+trainer.foo=1``: one line naming the key and the keys its section has."""
+    if not override.startswith("+") or override.startswith("++"):
+        return
+    key = override[1:].partition("=")[0]
+    parent, _, leaf = key.rpartition(".")
+    if parent.split(".")[0] not in FIXED_SECTIONS:
+        return
+    valid = _keys_of(parent)
+    if valid and leaf not in valid:
+        raise RlxError(f"unknown key {key!r} (rlx would ignore it); keys of {parent}: {', '.join(valid)}")
+
+
 def check_writable(path: Path, what: str) -> None:
     """Hydra creates the job's directory before rlx runs: check the place first, in one line."""
     probe = path.absolute()
@@ -262,6 +281,7 @@ def precheck(overrides: list[str], multirun: bool) -> None:
         except HydraException as exc:
             reason = str(exc).strip().splitlines()[0]
             raise RlxError(f"cannot parse override {ov!r}: {reason} (quote values that hold = or ,)") from exc
+        _refuse_added_key(ov)
         key, _, value = ov.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "$" not in value:
             check_writable(Path(value), key)
@@ -304,7 +324,31 @@ def cmd_train(args: list[str]) -> None:
             precheck(overrides, multirun)
         except RlxError as exc:
             fail(str(exc))
+    if any(a in ("-sc", "--shell-completion") for a in args):
+        shell_completion(args)
+        return
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    _hydra_main()()
+
+
+def shell_completion(args: list[str]) -> None:
+    """Hydra's own shell completion (``-sc install=bash|zsh|fish``, ``-sc query=...``) for ``rlx train``.
+
+    Hydra's script registers the program name it is given and, on Tab, runs ``<first word of the
+    line> -sc query=<shell>``, which is ``rlx -sc ...``: `main` routes that here. Hydra strips only the
+    first word of the line it completes, so the ``train`` after ``rlx`` is removed first; the command
+    word itself completes to rlx's commands, and other commands' arguments to file names."""
+    if any(a.startswith("query=") for a in args):
+        line = os.environ.get("COMP_LINE", "")
+        words = line.split()
+        if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+            print(" ".join(COMMANDS))  # completing the command word
+            return
+        if words[1] != "train":
+            print("")  # another command: the shell's file-name completion (-o default)
+            return
+        os.environ["COMP_LINE"] = line.replace(" train", "", 1)
+    sys.argv = ["rlx", *args]  # the script is installed for `rlx`
     _hydra_main()()
 
 
@@ -318,6 +362,13 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip())
         print("\nRun `rlx train --help` for the training options.")
         raise SystemExit(0 if argv else 2)
+    if argv[0] in ("--version", "-V"):
+        from importlib.metadata import version
+
+        print(f"rlx {version('rlx')}")
+        raise SystemExit(0)
+    if argv[0] in ("-sc", "--shell-completion"):  # Hydra's completion script calls `rlx -sc query=...`
+        argv = ["train", *argv]
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         fail(f"unknown command {cmd!r}; choose from: {', '.join(COMMANDS)}")

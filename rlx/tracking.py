@@ -250,6 +250,7 @@ class MlflowSink:
             offline = huggingface_hub.constants.HF_HUB_OFFLINE
             huggingface_hub.constants.HF_HUB_OFFLINE = True
             logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no card, no license: known
+            bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
             try:
                 path = str(model_dir)
@@ -263,7 +264,8 @@ class MlflowSink:
             finally:
                 mlflow.set_tracking_uri(previous)
                 huggingface_hub.constants.HF_HUB_OFFLINE = offline
-                hf_logging.enable_progress_bar()
+                if bars:
+                    hf_logging.enable_progress_bar()
 
         self._guard("log_model", send)
 
