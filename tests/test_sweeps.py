@@ -108,3 +108,17 @@ def test_an_optuna_search_of_three_trials_names_its_best_trial(tmp_path):
     assert best.data.metrics["reward/mean"] == pytest.approx(study["best_value"])
     assert float(best.data.params["trainer.lr"]) == pytest.approx(study["best_params"]["trainer.lr"])
     assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_search_whose_objective_was_never_logged_stops_in_one_line(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    store = tmp_path / "store"
+    res = run_rlx(
+        "train", "hparams_search=sort_grpo", "hydra.sweeper.n_trials=2", "hparams_search.objective=eval/nope",
+        *TINY, "trainer.steps=1", f"logger.store_dir={store}", "logger.experiment=nope",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "rlx: error: hparams_search.objective='eval/nope' is not a metric this run logged" in res.stderr
+    _, parents, children = _runs(store, "nope")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED" and len(children) == 1
