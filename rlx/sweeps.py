@@ -189,6 +189,9 @@ def summarise(info: Mapping[str, Any], sweep_dir: Path | None, status: str) -> d
         [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
     )
     children = sorted(children, key=lambda r: r.info.start_time or 0)
+    states = {r.info.status for r in children}
+    if status == "FAILED" and "KILLED" in states and "FAILED" not in states:
+        status = "KILLED"  # the sweep was stopped by SIGINT/SIGTERM, not by a failing job
     objective, direction = str(info["objective"]), str(info["direction"])
     swept = list(info.get("swept") or [])
     metric_keys = sorted({k for r in children for k in r.data.metrics if k.startswith("eval/")})

@@ -122,3 +122,29 @@ def test_a_search_whose_objective_was_never_logged_stops_in_one_line(tmp_path):
     assert "rlx: error: hparams_search.objective='eval/nope' is not a metric this run logged" in res.stderr
     _, parents, children = _runs(store, "nope")
     assert len(parents) == 1 and parents[0].info.status == "FAILED" and len(children) == 1
+
+
+def test_a_sweep_stopped_by_sigterm_ends_its_parent_killed(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import RLX
+
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [RLX, "train", "-m", "trainer.seed=0,1", *TINY, "trainer.steps=500", f"logger.store_dir={store}",
+         "logger.experiment=stop", "hydra.sweep.dir=sweep"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "sweep" / "0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    _, parents, children = _runs(store, "stop")
+    assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
