@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 
 from rlx.errors import RlxError
@@ -66,6 +67,9 @@ def _write_model_dir(path: Path, policy: Policy, config_yaml: str) -> None:
     """Write the model, tokenizer and config into ``path`` and flush every file to disk."""
     path.mkdir(parents=True, exist_ok=True)
     policy.save(path)
+    if hasattr(policy, "write_generation_config"):  # h13: generation settings (a reward model has none)
+        rollout = (yaml.safe_load(config_yaml) or {}).get("rollout") or {}
+        policy.write_generation_config(path, rollout.get("max_new_tokens"))
     (path / CONFIG_NAME).write_text(config_yaml, encoding="utf-8")
     for f in path.rglob("*"):
         if f.is_file():

@@ -1,7 +1,8 @@
 """``rlx``: the command line. Thin: ``train`` hands its arguments to Hydra, the rest to small handlers.
 
 rlx train [overrides]        train one job (Hydra: --help, --cfg job, -m for a sweep)
-rlx eval RUN_DIR|CHECKPOINT  held-out reward and exact accuracy of a run's final model
+rlx eval RUN_DIR|CHECKPOINT ...  held-out reward and exact accuracy of runs' final models
+rlx runs [DIR|SWEEP_DIR ...]  a table of runs (final metrics, status, wall time); --plot out.png
 rlx data sort --out DIR      write sort-task SFT demonstrations and preference pairs (JSONL)
 rlx sample RUN_DIR -p TEXT   a checkpoint's answers to prompts, side by side with its base model's
 rlx sync RUN_DIR             upload a run's metrics and artifacts to MLflow (after a lost server)
@@ -50,6 +51,7 @@ def _hydra_main() -> Any:
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_PACKAGE}", config_name="train")
     def _train(cfg: DictConfig) -> float | None:
+        from rlx.sweeps import objective_of, objective_value
         from rlx.train import train
 
         try:
@@ -60,9 +62,20 @@ def _hydra_main() -> Any:
             fail(str(exc), code=128 + exc.signum, prefix="")
         except KeyboardInterrupt:  # a second Ctrl-C: out at once
             fail("interrupted", code=130, prefix="")
-        return summary.get("eval/exact")  # the objective a Hydra sweeper maximises
+        # The objective a search sweeper (Optuna) optimises: hparams_search.objective, a final metric.
+        value = objective_value(cfg, summary)
+        if value is None and _searching():
+            fail(f"hparams_search.objective={objective_of(cfg)[0]!r} is not a metric this run logged")
+        return value
 
     return _train
+
+
+def _searching() -> bool:
+    """True in a job of a sweep whose sweeper is not Hydra's basic one (it needs a return value)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -130,6 +143,13 @@ def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         hint = f"; keys of {parent or 'the config'}: {', '.join(valid)}" if valid else ""
         return f"unknown key {key!r}{hint}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "Ambiguous value" in text:  # Hydra's hints (a forgotten -m: "add --multirun"), kept on one line
+        import re
+
+        hints = [re.sub(r"^\d+\.\s*", "", line.strip()) for line in text.strip().splitlines()[1:]]
+        return "; ".join([first, *(h for h in hints if h)])
+    if "does not support sweep type" in text:  # interval(...) etc. need a search sweeper
+        first += " (a search needs a search sweeper: hparams_search=<preset> or hydra/sweeper=optuna)"
     return first
 
 
@@ -160,16 +180,86 @@ def _compose(overrides: list[str]) -> Any:
 
 
 def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override lists of every job a (basic) sweep would run; one job when not sweeping."""
+    """The override lists of every job a (basic) sweep would run; one job when not sweeping.
+
+    Another sweeper (Optuna: ``interval(...)``, ``tag(log, ...)``, its ``params``) picks its jobs as it
+    goes: then one job, with one value of each swept key, stands for them all (`_one_job`)."""
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    if not multirun:
-        return [job_overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(job_overrides)
+    sweeper, params, mode = _sweeper_of(overrides, parsed)
+    if not sweeper.endswith("BasicSweeper"):
+        return [_one_job(parsed, params)]
+    if not (multirun or mode == "MULTIRUN"):  # a sweep without -m fails in Hydra's words (add --multirun)
+        return [job_overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
+
+
+def _one_value(override: Any) -> str:
+    """``key=<one value>`` of a sweep override: the first of a list or range, an interval's start."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return f"{override.get_key_element()}={value.start}"
+    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+
+
+def _one_job(parsed: list[Any], params: dict[str, str]) -> list[str]:
+    """One job of a non-basic sweep: fixed overrides as given, one value of each swept key (the
+    command line's and the sweeper's ``params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = {o.key_or_group for o in parsed}
+    extra = OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in params.items() if k not in given]
+    )
+    return [_one_value(o) if o.is_sweep_override() else o.input_line for o in [*parsed, *extra]]
+
+
+def _sweeper_of(overrides: list[str], parsed: list[Any]) -> tuple[str, dict[str, str], str]:
+    """(the configured sweeper's class path, its ``params``, ``hydra.mode``) from the config these
+    overrides make."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    fixed += [o for o in overrides if o.lstrip("+~").startswith("hydra") and "," not in o]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=fixed, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    node = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+    assert isinstance(params, dict)
+    mode = str(getattr(cfg.hydra.mode, "name", cfg.hydra.mode))
+    return str(cfg.hydra.sweeper._target_), {str(k): str(v) for k, v in params.items()}, mode
+
+
+# Sections rlx reads key by key: a key added to one with `+` would be ignored, so it is refused. (Other
+# sections pass added keys on: `+optimizer.amsgrad=true` to the optimizer, `+reward.x=1` to a reward,
+# whose own check names its valid keys.)
+FIXED_SECTIONS = ("trainer", "rollout", "eval", "logger", "hparams_search")
+
+
+def _refuse_added_key(override: str) -> None:
+    """``+trainer.foo=1``: one line naming the key and the keys its section has."""
+    if not override.startswith("+") or override.startswith("++"):
+        return
+    key = override[1:].partition("=")[0]
+    parent, _, leaf = key.rpartition(".")
+    if parent.split(".")[0] not in FIXED_SECTIONS:
+        return
+    valid = _keys_of(parent)
+    if valid and leaf not in valid:
+        raise RlxError(f"unknown key {key!r} (rlx would ignore it); keys of {parent}: {', '.join(valid)}")
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -202,6 +292,7 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
         except HydraException as exc:
             reason = str(exc).strip().splitlines()[0]
             raise RlxError(f"cannot parse override {ov!r}: {reason} (quote values that hold = or ,)") from exc
+        _refuse_added_key(ov)
         key, _, value = ov.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "$" not in value:
             check_writable(Path(value), key)
@@ -234,7 +325,17 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
     return None
 
 
+# rlx train's own flags, turned into Hydra overrides of rlx's job logging (conf/hydra/job_logging/rlx.yaml)
+VERBOSITY = {
+    "-q": "hydra.job_logging.root.level=WARNING",  # warnings and errors only: no bar, no summary
+    "--quiet": "hydra.job_logging.root.level=WARNING",
+    "-v": "hydra.verbose=rlx",  # Hydra's own switch: DEBUG for rlx's loggers
+    "--verbose": "hydra.verbose=rlx",
+}
+
+
 def cmd_train(args: list[str]) -> None:
+    args = [VERBOSITY.get(a, a) for a in args]
     overrides, multirun, skip = _split_args(args)
     if not skip:
         try:
@@ -244,12 +345,36 @@ def cmd_train(args: list[str]) -> None:
         if done:  # the run in hydra.run.dir already finished with this config: nothing to do
             print(done, file=sys.stderr)
             raise SystemExit(0)
+    if any(a in ("-sc", "--shell-completion") for a in args):
+        shell_completion(args)
+        return
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
     _hydra_main()()
 
 
+def shell_completion(args: list[str]) -> None:
+    """Hydra's own shell completion (``-sc install=bash|zsh|fish``, ``-sc query=...``) for ``rlx train``.
+
+    Hydra's script registers the program name it is given and, on Tab, runs ``<first word of the
+    line> -sc query=<shell>``, which is ``rlx -sc ...``: `main` routes that here. Hydra strips only the
+    first word of the line it completes, so the ``train`` after ``rlx`` is removed first; the command
+    word itself completes to rlx's commands, and other commands' arguments to file names."""
+    if any(a.startswith("query=") for a in args):
+        line = os.environ.get("COMP_LINE", "")
+        words = line.split()
+        if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+            print(" ".join(COMMANDS))  # completing the command word
+            return
+        if words[1] != "train":
+            print("")  # another command: the shell's file-name completion (-o default)
+            return
+        os.environ["COMP_LINE"] = line.replace(" train", "", 1)
+    sys.argv = ["rlx", *args]  # the script is installed for `rlx`
+    _hydra_main()()
+
+
 # Every command but train lives in rlx.commands.<name> (imported only when it runs).
-COMMANDS = ("train", "eval", "data", "sample", "sync")
+COMMANDS = ("train", "eval", "runs", "data", "sample", "sync")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +383,13 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip())
         print("\nRun `rlx train --help` for the training options.")
         raise SystemExit(0 if argv else 2)
+    if argv[0] in ("--version", "-V"):
+        from importlib.metadata import version
+
+        print(f"rlx {version('rlx')}")
+        raise SystemExit(0)
+    if argv[0] in ("-sc", "--shell-completion"):  # Hydra's completion script calls `rlx -sc query=...`
+        argv = ["train", *argv]
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         fail(f"unknown command {cmd!r}; choose from: {', '.join(COMMANDS)}")

@@ -10,6 +10,7 @@ from rlx.models import Policy, Sampling
 from rlx.registry import Resolved
 from rlx.rewards import score_completions
 from rlx.tasks import Task
+from rlx.tracking import publish_eval_rows
 
 
 @torch.no_grad()
@@ -50,6 +51,8 @@ def evaluate(
                 {
                     "prompt": prompt,
                     "completion": completion,
+                    "prompt_text": columns["prompt_text"][i],
+                    "completion_text": columns["completion_text"][i],
                     "reward": float(scores[i]),
                     "exact": bool(task.is_correct(prompt, completion, **cols)),
                     "max_reward": float(max_reward(prompt)) if max_reward else None,
@@ -62,4 +65,5 @@ def evaluate(
     }
     if max_reward:
         metrics["eval/reward_norm"] = sum(r["reward"] / max(r["max_reward"], 1e-12) for r in rows) / n
+    publish_eval_rows(rows)  # a run's tracker logs them as an MLflow table beside these metrics
     return metrics, rows

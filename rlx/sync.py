@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from rlx.errors import RlxError
+from rlx.runinfo import run_name
 from rlx.tracking import TRACKING_FILE, ensure_experiment, flatten, http_settings, local_store, log_params
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "reward_curve.png")
@@ -79,7 +80,8 @@ def sync_run(run_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
             tags = {"run_dir": str(run_dir.resolve()), "rlx.synced": "true"}
             for key in ("algo", "model", "task", "reward"):
                 tags[key] = str(cfg.get(key, {}).get("name"))
-            run = client.create_run(exp_id, tags=tags)
+            name = info.get("run_name") or run_name(cfg)  # never an MLflow random name
+            run = client.create_run(exp_id, run_name=name, tags=tags)
             run_id = run.info.run_id
             log_params(client, run_id, flatten(cfg))
             created = True

@@ -8,6 +8,8 @@ and always ends its MLflow run.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import signal
@@ -44,10 +46,11 @@ from rlx.resume import (
     target_run_dir,
     truncate_jsonl,
 )
+from rlx.runinfo import read_sweep, run_name, run_tags
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.settings import read_settings
 from rlx.tasks import Task
-from rlx.tracking import Tracker, console, flatten, summary_table
+from rlx.tracking import Tracker, as_text, console, flatten, log, summary_table
 
 MAX_STEPS = 10**9  # iterations: beyond that a run never ends (and the step counters' formats break)
 MAX_BATCH = 2**20  # completions per iteration: beyond that the first rollout exhausts any memory
@@ -141,20 +144,25 @@ def apply_threads(setting: int | str) -> int:
     return torch.get_num_threads()
 
 
-def _hydra_job() -> tuple[Path, Path, str]:
-    """(this job's output directory, the directory rlx was launched from, the job's overrides)."""
+def _hydra_job() -> tuple[Path, Path, list[str], Path | None]:
+    """(this job's output directory, the directory rlx was launched from, the job's overrides, the
+    sweep directory of a multirun job or None)."""
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        return Path(hc.runtime.output_dir), Path(hc.runtime.cwd), " ".join(hc.overrides.task)
+        sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+        return Path(hc.runtime.output_dir), Path(hc.runtime.cwd), list(hc.overrides.task), sweep_dir
     except ValueError:  # not under @hydra.main (tests call train() directly)
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
-        return Path("outputs") / stamp, Path.cwd(), ""
+        return Path("outputs") / stamp, Path.cwd(), [], None
 
 
 def _build_policy(p: Plan) -> Policy:
-    with console.status(f"building model {p.cfg['model'].get('name', '')}", spinner="dots"):
+    quiet = not log.isEnabledFor(logging.INFO)  # rlx train -q
+    spinner = console.status(f"building model {p.cfg['model'].get('name', '')}", spinner="dots")
+    with contextlib.nullcontext() if quiet else spinner:
         policy = build_model(p.cfg["model"], p.task)
         policy.model.to(p.device)
         policy.model.eval()  # no dropout in RL; gradients still flow
@@ -221,7 +229,7 @@ class StopSignals:
         self.signum = signum
         if self.at_once:
             raise StopNow(signum)
-        console.print(
+        console.print(  # not through logging: a signal handler must not wait on logging's locks
             f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             "(Ctrl-C again to exit at once)[/yellow]"
         )
@@ -312,11 +320,11 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     c = p.cfg
     t = c["trainer"]
     rank, _ = dist_rank()
-    default_dir, launch_dir, overrides = _hydra_job()
+    default_dir, launch_dir, overrides, sweep_dir = _hydra_job()
     run_dir = target_run_dir(t.get("resume"), Path(run_dir or default_dir))
     lock = lock_run_dir(run_dir) if rank == 0 else None
     try:
-        return _build_locked(p, run_dir, launch_dir, overrides, lock)
+        return _build_locked(p, run_dir, launch_dir, overrides, sweep_dir, lock)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -329,7 +337,9 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _build_locked(p: Plan, run_dir: Path, launch_dir: Path, overrides: str, lock: Any) -> Session:
+def _build_locked(
+    p: Plan, run_dir: Path, launch_dir: Path, overrides: str, sweep_dir: Path | None, lock: Any
+) -> Session:
     c, t = p.cfg, p.cfg["trainer"]
     rank, _ = dist_rank()
     start = start_run(c, run_dir)  # reads and checks everything before anything is written
@@ -342,17 +352,12 @@ def _build_locked(p: Plan, run_dir: Path, launch_dir: Path, overrides: str, lock
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows written after the checkpoint
             truncate_jsonl(run_dir / name, int(state["step"]))
         keep_first_row_at(run_dir / "metrics.jsonl", int(state["step"]))  # a final evaluation comes again
-    tags = {
-        "algo": str(c["algo"].get("name")),
-        "model": str(c["model"].get("name")),
-        "task": str(c["task"].get("name")),
-        "reward": str(c["reward"].get("name")),
-        "run_dir": str(run_dir.resolve()),
-        "overrides": overrides[:5000],
-    }
-    seed_everything(int(t["seed"]) + rank)
+    sweep = read_sweep(sweep_dir) if sweep_dir is not None else {}
+    tags = run_tags(c, run_dir=run_dir, overrides=overrides, launch_dir=launch_dir)
     if rank == 0:
         console.print(f"torch threads: {_torch_threads()} (trainer.threads={p.trainer.threads})")
+    # The tracker (and so the MLflow run) is made before the training seed is set, and rlx names the
+    # run itself: MLflow draws its random run names from Python's `random`.
     tracker = Tracker(
         run_dir,
         c["logger"],
@@ -361,6 +366,13 @@ def _build_locked(p: Plan, run_dir: Path, launch_dir: Path, overrides: str, lock
         launch_dir=launch_dir,
         resume_run_id=state.get("mlflow_run_id") if state else start.mlflow_run_id,
         fresh=state is None,
+        run_name=run_name(c, overrides, list(sweep.get("swept") or [])),
+        parent=sweep,
+    )
+    seed_everything(int(t["seed"]) + rank)
+    log.debug(
+        f"run {tracker.run_name} in {run_dir}; MLflow run {tracker.run_id}; "
+        f"resuming from {checkpoint}; loop {p.loop}; device {p.device}; seed {int(t['seed']) + rank}"
     )
     signals = StopSignals()
     try:
@@ -379,7 +391,7 @@ def _build_locked(p: Plan, run_dir: Path, launch_dir: Path, overrides: str, lock
         trainer = LOOPS.get(p.loop).fn(ctx)
         if checkpoint is not None and state is not None:
             _restore(trainer, checkpoint, state)
-            console.print(f"resumed from {checkpoint} at step {trainer.step}")
+            log.info(f"resumed from {checkpoint} at step {trainer.step}")
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -437,7 +449,7 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     }
     if rank == 0:
         title = f"rlx train: algo={c['algo'].get('name')} reward={c['reward'].get('name')}"
-        console.print(summary_table(title, summary))
+        log.info(as_text(summary_table(title, summary)))
     return summary
 
 
@@ -461,5 +473,4 @@ def _finish(session: Session) -> None:
         algo, model, reward = (c[k].get("name") for k in ("algo", "model", "reward"))
         title = f"algo={algo} model={model} reward={reward}"
         tracker.log_artifact(reward_curve(tracker.history, run_dir / "reward_curve.png", title))
-    if c["logger"].get("log_model", True):
-        tracker.log_artifact(final_dir, "model")
+    tracker.log_model(final_dir, c["logger"].get("log_model", "auto"))

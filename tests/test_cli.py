@@ -161,6 +161,7 @@ def test_multirun_sweep_runs_every_job_and_closes_every_mlflow_run(tmp_path):
     assert len(jobs) == 2 and all((j / "final" / "model.safetensors").is_file() for j in jobs)
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     runs = client.search_runs(client.get_experiment_by_name("sweep").experiment_id)
+    runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # the jobs, not the sweep's parent run
     assert sorted(r.data.params["algo.name"] for r in runs) == ["dapo", "grpo"]
     assert all(r.info.status == "FINISHED" for r in runs)
 

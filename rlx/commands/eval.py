@@ -1,4 +1,4 @@
-"""``rlx eval RUN_DIR|CHECKPOINT``: held-out reward and exact-answer accuracy of a run's model."""
+"""``rlx eval RUN_DIR|CHECKPOINT ...``: held-out reward and exact-answer accuracy of runs' models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="rlx eval", description="Held-out reward and exact accuracy of a run or checkpoint."
     )
-    parser.add_argument("path", help="a run directory (uses its final/ model) or a checkpoint directory")
+    parser.add_argument(
+        "paths", nargs="+", help="run directories (each uses its final/ model) or checkpoint directories"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -22,7 +24,27 @@ def main(argv: list[str]) -> None:
         help="MODULE:FUNCTION for a reward=custom run (user code is never imported from the directory)",
     )
     ns = parser.parse_args(argv)
-    run_eval(ns)
+    results = {}
+    for path in ns.paths:  # each checked and evaluated in turn; a bad one stops with its name
+        results[path] = run_eval(argparse.Namespace(**{**vars(ns), "path": path}))
+    if len(results) > 1 and not ns.json:
+        compare_table(results)
+
+
+def compare_table(results: dict[str, dict[str, float]]) -> None:
+    """One row per evaluated model, one column per metric."""
+    from rich.table import Table
+
+    from rlx.tracking import console
+
+    keys = sorted({k for m in results.values() for k in m})
+    table = Table(title=f"rlx eval: {len(results)} models", title_justify="left")
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for path, metrics in results.items():
+        table.add_row(path, *(f"{metrics[k]:.4g}" if k in metrics else "-" for k in keys))
+    console.print(table)
 
 
 def run_eval(ns: argparse.Namespace) -> dict[str, float]:

@@ -35,8 +35,32 @@ def main(argv: list[str]) -> None:
     run_sample(ns)
 
 
+def as_prompt_text(prompt: str, task: Any) -> str:
+    """A prompt as the task writes it: ``[8, 2, 7, 0]`` (how `rlx eval` and samples.jsonl print a
+    token prompt) becomes the task's text, ``8 2 7 0``; text is kept as given."""
+    text = prompt.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return prompt
+        if isinstance(parsed, list):
+            return str(task.prompt_text(parsed))
+    return prompt
+
+
 def _answers(policy: Policy, prompts: list[str], sampling: Sampling, greedy: bool) -> list[str]:
-    ids, mask = policy.encode_texts(prompts)
+    try:
+        ids, mask = policy.encode_texts(prompts)
+    except RlxError:
+        raise
+    except Exception as exc:  # a word the model's tokenizer has no token for (a fixed vocabulary)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        example = policy.task.prompt_text(policy.task.eval_batch().prompts[0])
+        raise RlxError(
+            f"the prompts {prompts} cannot be encoded by model {policy.name} ({reason}); "
+            f"its prompts look like {example!r}"
+        ) from exc
     tokens, comp_mask, _ = policy.generate(ids, mask, sampling, greedy=greedy)
     return policy.decode_text(tokens, comp_mask)
 
@@ -80,6 +104,7 @@ def run_sample(ns: argparse.Namespace) -> list[dict[str, str]]:
     model_dir = resolve_model_dir(Path(ns.path))
     cfg = read_dir_config(model_dir, use_reward=False)  # builds only rlx's own task and model
     task = instantiate_checked(cfg["task"], where="task")
+    prompts = [as_prompt_text(p, task) for p in prompts]
     device = resolve_device(ns.device)
     r = cfg["rollout"]
     sampling = Sampling(

@@ -296,6 +296,26 @@ class Policy:
         self.model.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
 
+    def write_generation_config(self, path: str | Path, max_new_tokens: int | None = None) -> None:
+        """``generation_config.json`` beside saved weights, so ``transformers``' ``generate`` and
+        ``pipeline("text-generation")`` answer as ``rlx sample`` does: greedy, at most the task's
+        answer length (or ``rollout.max_new_tokens``), stopping at EOS, padding with the pad token."""
+        from transformers import GenerationConfig
+
+        path = Path(path)
+        try:
+            config = GenerationConfig.from_pretrained(str(path))
+        except OSError:  # none saved with the model
+            config = GenerationConfig.from_model_config(self.model.config)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        config.update(
+            max_new_tokens=int(max_new_tokens or self.task.max_new_tokens),
+            do_sample=False,
+            eos_token_id=self.eos_id,
+            pad_token_id=pad,
+        )
+        config.save_pretrained(str(path))
+
 
 def completion_forward(
     model: Any,
