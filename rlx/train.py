@@ -26,6 +26,7 @@ from rlx.loops import LOOPS, LoopContext, NonFiniteGuard, Plan, Trainer
 from rlx.models import Policy, build_model
 from rlx.registry import check_type, instantiate_checked
 from rlx.resume import find_checkpoint, load_for_resume, run_dir_of, truncate_jsonl
+from rlx.rewards import check_reward_columns
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.tasks import Task
 from rlx.tracking import Tracker, console, flatten, summary_table
@@ -80,7 +81,10 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     task: Task = instantiate_checked(c["task"], where="task")
     loop = str(c["algo"].get("loop") or "online")
     entry = LOOPS.get(loop)
-    return Plan(cfg=c, task=task, loop=entry.name, settings=entry.meta["plan"](c, task), device=device)
+    settings = entry.meta["plan"](c, task)
+    if "reward" in c and (loop != "offline" or getattr(task, "has_ground_truth", True)):  # h15
+        check_reward_columns(c["reward"], task)  # the reward's columns exist in the task's data
+    return Plan(cfg=c, task=task, loop=entry.name, settings=settings, device=device)
 
 
 def _hydra_job() -> tuple[Path, Path, str]:

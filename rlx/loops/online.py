@@ -285,8 +285,9 @@ class OnlineTrainer:
             self.step, self.s.prompts_per_step, self.rank, self.world_size, stream=round_
         )
         ro = sample_groups(self.policy, prompts, self.s.group_size, self.s.sampling)
+        self.reward_parts: dict[str, float] = {}  # h15 hook: reward/<component> of reward=combined
         rewards = score_completions(
-            self.p.reward, ro.batch.prompts, ro.completions, ro.reward_columns(), ro.mask
+            self.p.reward, ro.batch.prompts, ro.completions, ro.reward_columns(), ro.mask, self.reward_parts
         )
         return ro, rewards
 
@@ -300,6 +301,7 @@ class OnlineTrainer:
             "reward/std": seq.std().item() if len(seq) > 1 else 0.0,
             "frac_reward_zero_std": frac_zero_std_groups(seq, self.s.group_size),
             "response/length": ro.mask.sum(-1).mean().item(),
+            **self.reward_parts,  # h15 hook
         }
         if not self.s.dynamic_sampling:
             return ro, rewards, metrics
