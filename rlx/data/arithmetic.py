@@ -5,8 +5,9 @@ final answer after ``####`` ("37 + 58 = 95\\n#### 95"), so ``reward=math`` reads
 reads GSM8K. Difficulty is set by the operands' digits, the operations and the number of terms.
 
 Files (JSONL): ``train.jsonl`` (RL prompts), ``heldout.jsonl`` (evaluation prompts), and
-``sft.jsonl`` (demonstrations for the SFT stage, ``completion`` in the R1 think-then-answer format
-``<think>37+58=95</think><answer>95</answer>``). The three prompt sets are disjoint.
+``sft.jsonl`` (demonstrations for the SFT stage, ``completion`` in the R1 think-then-answer format,
+one step per operation: ``<think>3+4=7,7+2=9</think><answer>9</answer>``). The three prompt sets
+are disjoint.
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ def _problem(rng: np.random.Generator, digits: int, ops: str, terms: int) -> tup
     nums = [int(x) for x in rng.integers(lo, 10**digits, size=terms)]
     chosen = [str(rng.choice(list(ops))) for _ in range(terms - 1)]
     expr = " ".join(str(n) if i == 0 else f"{chosen[i - 1]} {n}" for i, n in enumerate(nums))
-    return expr, str(_evaluate(nums, chosen)), expr.replace(" ", "")
+    value = _evaluate(nums, chosen)
+    if "*" in chosen:  # precedence: one line
+        return expr, str(value), f"{expr.replace(' ', '')}={value}"
+    steps, running = [], nums[0]  # sums and differences: one step per operation, left to right
+    for op, n in zip(chosen, nums[1:]):
+        new = OPS[op](running, n)
+        steps.append(f"{running}{op}{n}={new}")
+        running = new
+    return expr, str(value), ",".join(steps)
 
 
 def write_arithmetic_data(
@@ -78,7 +87,7 @@ def write_arithmetic_data(
             {
                 "prompt": f"What is {expr}?",
                 "answer": f"{expr} = {value}\n#### {value}",
-                "completion": f"<think>{worked}={value}</think><answer>{value}</answer>",
+                "completion": f"<think>{worked}</think><answer>{value}</answer>",
             }
         )
     out.mkdir(parents=True, exist_ok=True)
