@@ -185,6 +185,7 @@ def test_unreadable_reference_answer_names_it():
         ("95 <think>x</think><answer>95</answer>", 0.0),  # text before the template
         ("<think>x</think><answer>95</answer> and more", 0.0),  # text after it
         ("<think><think>x</think><answer>95</answer>", 0.0),  # nested think
+        ("<think>x</think><answer>&</think><answer>72</answer>", 0.0),  # a tag inside a block
     ],
 )
 def test_format_reward_r1_template(completion, expected):
@@ -197,7 +198,8 @@ def test_format_reward_custom_pattern_and_bad_regex():
     assert reward(["q", "q"], ["so #### 12", "so 12"]) == [1.0, 0.0]
     with pytest.raises(RlxError, match="not a regular expression"):
         REWARDS.get("format").meta["check"]({"pattern": "(unclosed"})
-    assert R1_TEMPLATE in open(REWARDS.get("format").fn.__code__.co_filename).read()
+    # conf/reward/format.yaml's default is the code's R1 template
+    assert compose_cfg(["reward=format"]).reward.pattern == R1_TEMPLATE
 
 
 def _combined(weights=None, components=("math", "format")):

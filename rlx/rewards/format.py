@@ -13,7 +13,10 @@ from typing import Any
 from rlx.errors import RlxError
 from rlx.rewards import REWARDS
 
-R1_TEMPLATE = r"^\s*<think>(?:(?!<think>).)*?</think>\s*<answer>(?:(?!<answer>).)*?</answer>\s*$"
+# one think block, then one answer block, nothing around them; neither block contains another tag
+R1_TEMPLATE = (
+    r"^\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*$"
+)
 
 
 def check_format(kwargs: dict[str, Any]) -> None:
