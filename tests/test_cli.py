@@ -112,6 +112,11 @@ def test_every_option_of_every_group_composes_and_plans(tmp_path):
             if group == "algo" and option in ("sft", "rm", "dpo", "ipo", "spo"):  # offline: need data
                 kind = "sft" if option == "sft" else "pairs"
                 overrides.append(f"data.train={REPO / 'tests' / 'data' / f'sort_{kind}_tiny.jsonl'}")
+            if (group, option) == ("experiment", "arithmetic_r1"):  # h15: its task reads arith.dir/data
+                from rlx.data.arithmetic import write_arithmetic_data
+
+                write_arithmetic_data(tmp_path / "arith" / "data", train=20, heldout=4, sft=4)
+                overrides.append(f"arith.dir={tmp_path / 'arith'}")
             if (group, option) == ("task", "text"):
                 overrides += [f"task.path={REPO / 'tests' / 'data' / 'dolly_tiny.jsonl'}", "task.eval_size=2"]
                 overrides += ["reward=custom", "reward.fn=tests.rewards_for_tests:text_length"]

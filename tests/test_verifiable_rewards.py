@@ -407,8 +407,10 @@ def test_rlx_data_arithmetic_and_a_two_step_grpo_run(tmp_path):
                   "--sft", "8", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     row = json.loads((tmp_path / "data" / "train.jsonl").read_text().splitlines()[0])
-    a, b = (int(x) for x in row["prompt"].removeprefix("What is ").removesuffix("?").split(" + "))
-    assert row["answer"] == f"{a} + {b} = {a + b}\n#### {a + b}"
+    terms = [int(x) for x in row["prompt"].removeprefix("What is ").removesuffix("?").split(" + ")]
+    assert len(terms) == 3 and all(0 <= t <= 9 for t in terms)  # the defaults: 3 one-digit terms
+    expr = " + ".join(map(str, terms))
+    assert row["answer"] == f"{expr} = {sum(terms)}\n#### {sum(terms)}"
     sft = json.loads((tmp_path / "data" / "sft.jsonl").read_text().splitlines()[0])
     assert REWARDS.resolve("format", where="reward")(["q"], [sft["completion"]]) == [1.0]
     common = [

@@ -43,17 +43,17 @@ def main(argv: list[str]) -> None:
     arith = sub.add_parser(
         "arithmetic",
         help="arithmetic word problems with GSM8K-format answers (RL prompts, held-out prompts, SFT demos)",
-        description="Prompts 'What is 37 + 58?' with an answer column in GSM8K's format "
-        "('37 + 58 = 95\\n#### 95'): train.jsonl and heldout.jsonl (prompt, answer) and sft.jsonl "
+        description="Prompts 'What is 3 + 4 + 2?' (--digits 2 --terms 2: 'What is 37 + 58?') with an answer column in GSM8K's format "
+        "('3 + 4 + 2 = 9\\n#### 9'): train.jsonl and heldout.jsonl (prompt, answer) and sft.jsonl "
         "(prompt, completion in the R1 think-then-answer format, answer), disjoint. For task=text "
         "reward=math (experiment=arithmetic_r1).",
     )
     arith.add_argument("--out", required=True, help="output directory")
-    arith.add_argument("--digits", type=int, default=2, help="digits per operand (difficulty)")
+    arith.add_argument("--digits", type=int, default=1, help="digits per operand (difficulty)")
     arith.add_argument("--ops", default="+", help="operations to draw from, e.g. '+-*' (difficulty)")
-    arith.add_argument("--terms", type=int, default=2, help="operands per problem (difficulty)")
-    arith.add_argument("--train", type=int, default=2000, help="RL training prompts")
-    arith.add_argument("--heldout", type=int, default=200, help="held-out prompts")
+    arith.add_argument("--terms", type=int, default=3, help="operands per problem (difficulty)")
+    arith.add_argument("--train", type=int, default=200, help="RL training prompts")
+    arith.add_argument("--heldout", type=int, default=100, help="held-out prompts")
     arith.add_argument("--sft", type=int, default=200, help="SFT demonstrations")
     arith.add_argument("--seed", type=int, default=0, help="seed of the draw")
     ns = parser.parse_args(argv)

@@ -58,11 +58,11 @@ def _problem(rng: np.random.Generator, digits: int, ops: str, terms: int) -> tup
 def write_arithmetic_data(
     out: Path,
     *,
-    digits: int = 2,
+    digits: int = 1,
     ops: str = "+",
-    terms: int = 2,
-    train: int = 2000,
-    heldout: int = 200,
+    terms: int = 3,
+    train: int = 200,
+    heldout: int = 100,
     sft: int = 200,
     seed: int = 0,
 ) -> dict[str, Path]:
