@@ -18,7 +18,7 @@ BAD_INPUT = [
         "unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, "
         "spo, trpo",
     ),
-    (["model=gpt9"], "unknown model 'gpt9'; choose from: hf, tiny_gpt, tiny_policy, toy_sort"),
+    (["model=gpt9"], "unknown model 'gpt9'; choose from: char_gpt, hf, tiny_gpt, tiny_policy, toy_sort"),
     (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
     (["loss.eps_hihg=0.3"], "unknown key 'loss.eps_hihg'; keys of loss: dual_clip, eps_high, eps_low, name"),
     (["trainer.group_size=1"], "adv_norm=group_std needs trainer.group_size >= 2, got 1"),
@@ -73,7 +73,7 @@ def test_help_and_cfg_job_work_from_any_directory(tmp_path):
     for group in (
         "algo: dapo, dpo, dr_grpo, grpo, ipo, ppo, reinforce, rloo, rm, sft, spo, trpo",
         "adv_norm:",
-        "experiment: baby_rlhf, lecture_sort, rlhf_sort",
+        "experiment: arithmetic_r1, baby_rlhf, lecture_sort, rlhf_sort",
     ):
         assert group in res.stdout
     res = run_rlx("train", "algo=dapo", "--cfg", "job", cwd=tmp_path)
