@@ -272,7 +272,8 @@ def test_missing_answer_column_is_refused_at_start_up(tmp_path):
         plan(compose_cfg([*base, "reward=combined"]))
     plan(compose_cfg([*base, "reward=math", "reward.column=solution"]))  # mapped: fine
     # the task's own ground truth (by default reward=math's column) is checked too
-    with pytest.raises(RlxError, match=r"task.ground_truth='answer': .* has no such column"):
+    default_gt = r"task.ground_truth='answer' \(by default reward=math's reward.column\): .* has no such"
+    with pytest.raises(RlxError, match=default_gt):
         plan(compose_cfg([*TINY_CHAR, *TINY_ONLINE, "task=text", f"task.path={data}", "reward=math"]))
     res = run_rlx("train", *base, "reward=math", cwd=tmp_path)
     assert res.returncode == 2

@@ -43,7 +43,8 @@ def main(argv: list[str]) -> None:
     arith = sub.add_parser(
         "arithmetic",
         help="arithmetic word problems with GSM8K-format answers (RL prompts, held-out prompts, SFT demos)",
-        description="Prompts 'What is 3 + 4 + 2?' (--digits 2 --terms 2: 'What is 37 + 58?') with an answer column in GSM8K's format "
+        description="Prompts 'What is 3 + 4 + 2?' (--digits 2 --terms 2: 'What is 37 + 58?') with an "
+        "answer column in GSM8K's format "
         "('3 + 4 + 2 = 9\\n#### 9'): train.jsonl and heldout.jsonl (prompt, answer) and sft.jsonl "
         "(prompt, completion in the R1 think-then-answer format, answer), disjoint. For task=text "
         "reward=math (experiment=arithmetic_r1).",

@@ -79,9 +79,9 @@ class TextPromptTask:
         self.ground_truth = ground_truth or None
         if self.ground_truth is not None and self.ground_truth not in self._columns:
             raise RlxError(
-                f"task.ground_truth={self.ground_truth!r}: {path} has no such column (it has "
-                f"{self._columns}); set task.ground_truth (and reward.column for reward=math) to the "
-                "column holding the reference answer"
+                f"task.ground_truth={self.ground_truth!r} (by default reward=math's reward.column): {path} "
+                f"has no such column (columns: {', '.join(self._columns)}); set reward.column=<the column "
+                "with the reference answer> (or task.ground_truth=...)"
             )
         self.seed = int(seed)
         self.max_new_tokens = int(max_new_tokens)
