@@ -1,4 +1,8 @@
-"""Held-out evaluation: the configured reward and exact-answer accuracy on the task's eval set."""
+"""Held-out evaluation: the configured reward and exact-answer accuracy on the task's eval set.
+
+``eval/exact`` is the reward's verifier where it has one (``reward=math``, alone or as a component
+of ``reward=combined``: math-verify's verdict on the greedy answer), else the task's own
+``is_correct`` (the sort task's exact sort; a text task with ``task.ground_truth``)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import torch
 
 from rlx.models import Policy, Sampling
 from rlx.registry import Resolved
-from rlx.rewards import score_completions
+from rlx.rewards import max_reward_of, score_completions, verified_correct
 from rlx.tasks import Task
 from rlx.tracking import publish_eval_rows
 
@@ -30,7 +34,7 @@ def evaluate(
     batch = task.eval_batch()
     if limit is not None:
         batch = batch.select(list(range(min(limit, len(batch)))))
-    max_reward = reward.entry.meta.get("max_reward")
+    max_reward = max_reward_of(reward)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(batch), batch_size):
         part = batch.select(list(range(start, min(start + batch_size, len(batch)))))
@@ -45,8 +49,10 @@ def evaluate(
         scores = score_completions(reward, part.prompts, completions, columns, comp_mask)
         if scores.dim() == 2:
             scores = scores.sum(-1)
+        verified = verified_correct(reward, part.prompts, completions, columns)
         for i, (prompt, completion) in enumerate(zip(part.prompts, completions)):
-            cols = {k: v[i] for k, v in part.columns.items()}
+            cols = {k: v[i] for k, v in columns.items() if k != "prompt_text"}
+            exact = verified[i] if verified is not None else task.is_correct(prompt, completion, **cols)
             rows.append(
                 {
                     "prompt": prompt,
@@ -54,7 +60,7 @@ def evaluate(
                     "prompt_text": columns["prompt_text"][i],
                     "completion_text": columns["completion_text"][i],
                     "reward": float(scores[i]),
-                    "exact": bool(task.is_correct(prompt, completion, **cols)),
+                    "exact": bool(exact),
                     "max_reward": float(max_reward(prompt)) if max_reward else None,
                 }
             )

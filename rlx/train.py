@@ -46,6 +46,7 @@ from rlx.resume import (
     target_run_dir,
     truncate_jsonl,
 )
+from rlx.rewards import check_reward_columns
 from rlx.runinfo import read_sweep, run_name, run_tags
 from rlx.runtime import dist_rank, resolve_device, seed_everything
 from rlx.settings import read_settings
@@ -89,6 +90,8 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     entry = LOOPS.get(loop)
     p = Plan(c, task, trainer, rollout, evaluation, entry.name, None, device)
     p.settings = entry.meta["plan"](p)
+    if "reward" in c and (loop != "offline" or getattr(task, "has_ground_truth", True)):  # h15
+        check_reward_columns(c["reward"], task)  # the reward's columns exist in the task's data
     return p
 
 

@@ -18,7 +18,7 @@ BAD_INPUT = [
         "unknown algo 'nope'; choose from: dapo, dpo, dr_grpo, grpo, gspo, ipo, ppo, reinforce, "
         "reinforce_pp, rloo, rm, sft, spo, trpo",
     ),
-    (["model=gpt9"], "unknown model 'gpt9'; choose from: hf, tiny_gpt, tiny_policy, toy_sort"),
+    (["model=gpt9"], "unknown model 'gpt9'; choose from: char_gpt, hf, tiny_gpt, tiny_policy, toy_sort"),
     (["trainer.bogus=1"], "unknown key 'trainer.bogus'; keys of trainer: device,"),
     (["loss.eps_hihg=0.3"], "unknown key 'loss.eps_hihg'; keys of loss: dual_clip, eps_high, eps_low, name"),
     (["trainer.group_size=1"], "adv_norm=group_std needs trainer.group_size >= 2, got 1"),
@@ -73,7 +73,7 @@ def test_help_and_cfg_job_work_from_any_directory(tmp_path):
     for group in (
         "algo: dapo, dpo, dr_grpo, grpo, gspo, ipo, ppo, reinforce, reinforce_pp, rloo, rm, sft, spo, trpo",
         "adv_norm:",
-        "experiment: baby_rlhf, lecture_sort, rlhf_sort",
+        "experiment: arithmetic_r1, baby_rlhf, lecture_sort, rlhf_sort",
     ):
         assert group in res.stdout
     res = run_rlx("train", "algo=dapo", "--cfg", "job", cwd=tmp_path)
@@ -114,6 +114,11 @@ def test_every_option_of_every_group_composes_and_plans(tmp_path):
             if group == "algo" and option in ("sft", "rm", "dpo", "ipo", "spo"):  # offline: need data
                 kind = "sft" if option == "sft" else "pairs"
                 overrides.append(f"data.train={REPO / 'tests' / 'data' / f'sort_{kind}_tiny.jsonl'}")
+            if (group, option) == ("experiment", "arithmetic_r1"):  # h15: its task reads arith.dir/data
+                from rlx.data.arithmetic import write_arithmetic_data
+
+                write_arithmetic_data(tmp_path / "arith" / "data", train=20, heldout=4, sft=4)
+                overrides.append(f"arith.dir={tmp_path / 'arith'}")
             if (group, option) == ("task", "text"):
                 overrides += [f"task.path={REPO / 'tests' / 'data' / 'dolly_tiny.jsonl'}", "task.eval_size=2"]
                 overrides += ["reward=custom", "reward.fn=tests.rewards_for_tests:text_length"]

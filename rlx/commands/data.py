@@ -1,4 +1,4 @@
-"""``rlx data``: write datasets for the offline algorithms (`rlx data sort --out DIR`)."""
+"""``rlx data``: write datasets (`rlx data sort --out DIR`, `rlx data arithmetic --out DIR`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,40 @@ def main(argv: list[str]) -> None:
         help="answers per prompt (the sorted one + K-1 wrong ones); every pair with different scores "
         "becomes a preference pair, so K > 2 also ranks wrong answers against each other",
     )
+    arith = sub.add_parser(
+        "arithmetic",
+        help="arithmetic word problems with GSM8K-format answers (RL prompts, held-out prompts, SFT demos)",
+        description="Prompts 'What is 3 + 4 + 2?' (--digits 2 --terms 2: 'What is 37 + 58?') with an "
+        "answer column in GSM8K's format "
+        "('3 + 4 + 2 = 9\\n#### 9'): train.jsonl and heldout.jsonl (prompt, answer) and sft.jsonl "
+        "(prompt, completion in the R1 think-then-answer format, answer), disjoint. For task=text "
+        "reward=math (experiment=arithmetic_r1).",
+    )
+    arith.add_argument("--out", required=True, help="output directory")
+    arith.add_argument("--digits", type=int, default=1, help="digits per operand (difficulty)")
+    arith.add_argument("--ops", default="+", help="operations to draw from, e.g. '+-*' (difficulty)")
+    arith.add_argument("--terms", type=int, default=3, help="operands per problem (difficulty)")
+    arith.add_argument("--train", type=int, default=200, help="RL training prompts")
+    arith.add_argument("--heldout", type=int, default=100, help="held-out prompts")
+    arith.add_argument("--sft", type=int, default=200, help="SFT demonstrations")
+    arith.add_argument("--seed", type=int, default=0, help="seed of the draw")
     ns = parser.parse_args(argv)
+    if ns.what == "arithmetic":
+        from rlx.data.arithmetic import write_arithmetic_data
+
+        written = write_arithmetic_data(
+            Path(ns.out),
+            digits=ns.digits,
+            ops=ns.ops,
+            terms=ns.terms,
+            train=ns.train,
+            heldout=ns.heldout,
+            sft=ns.sft,
+            seed=ns.seed,
+        )
+        for name, path in written.items():
+            print(f"{name:14s} {path}")
+        return
     from rlx.data.sort import write_sort_data
 
     paths = write_sort_data(

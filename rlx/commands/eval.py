@@ -70,6 +70,10 @@ def run_eval(ns: argparse.Namespace) -> dict[str, float]:
         max_new_tokens=rollout["max_new_tokens"],
     )
     policy = load_pretrained(model_dir, p.task, str(cfg["model"].get("name", "model")))
+    # as training read its prompts: through the chat template where model=hf used one
+    policy.chat_template = bool(
+        cfg["model"].get("chat_template") and getattr(policy.tokenizer, "chat_template", None)
+    )
     policy.model.to(resolve_device(ns.device)).eval()
     metrics, rows = evaluate(
         policy,

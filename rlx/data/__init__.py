@@ -15,6 +15,12 @@ kind             columns (rlx name = default column name; ``data.columns.<name>=
                  the names of UltraFeedback-binarized, so one pair file serves every algorithm)
 ===============  ==========================================================================
 
+TRL's conversational format is read too: a ``prompt`` that is a list of messages (``{"role",
+"content"}``) stays a message list (the policy renders it with the tokenizer's chat template), a
+``completion`` / ``chosen`` / ``rejected`` that is a list of messages becomes the text of its
+assistant turns, and a ``messages`` column (SFT, no ``prompt``) splits into the conversation before
+the last assistant turn (the prompt) and that turn (the completion).
+
 Bad input fails with one line that names the file (and the row where there is one): a missing
 column, an empty dataset, a malformed JSON line, a null or non-text value. A pair whose chosen and
 rejected are identical carries no preference: it is counted, skipped, and reported with a warning.
@@ -91,16 +97,41 @@ def dolly_prompt(instruction: str, context: str | None = None) -> str:
     return head + body + "### Response:\n"
 
 
+Message = dict[str, str]
+
+
 @dataclass
 class Example:
-    """One row: a prompt and a completion (SFT) or a chosen/rejected pair (with scores for SPO)."""
+    """One row: a prompt and a completion (SFT) or a chosen/rejected pair (with scores for SPO).
 
-    prompt: str
+    ``prompt`` is text, or a list of chat messages (TRL's conversational format). ``columns`` holds
+    the row's raw values, every column of the file (``read_examples(..., keep_columns=True)``).
+    """
+
+    prompt: str | list[Message]
     completion: str = ""
     chosen: str = ""
     rejected: str = ""
     score_chosen: float = 0.0
     score_rejected: float = 0.0
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+def as_messages(value: Any) -> list[Message] | None:
+    """``value`` as a list of ``{"role", "content"}`` messages, or None when it is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value):
+        return None
+    return [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in value]
+
+
+def _split_conversation(messages: list[Message]) -> tuple[list[Message], str] | None:
+    """TRL's ``messages`` row as (the conversation before the last assistant turn, that turn)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        return None
+    return messages[:last], messages[last]["content"]
 
 
 @dataclass
@@ -139,8 +170,11 @@ def _check_json_lines(path: Path) -> None:
                 raise RlxError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
 
 
-def load_table(source: str, *, split: str = "train", where: str = "data.train") -> Any:
-    """A ``datasets.Dataset`` from a local file, a ``save_to_disk`` directory or a hub name."""
+def load_table(
+    source: str, *, split: str = "train", where: str = "data.train", subset: str | None = None
+) -> Any:
+    """A ``datasets.Dataset`` from a local file, a ``save_to_disk`` directory or a hub name (with its
+    ``subset``, the hub's configuration name: ``openai/gsm8k`` has ``main`` and ``socratic``)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -169,7 +203,7 @@ def load_table(source: str, *, split: str = "train", where: str = "data.train") 
                 raise RlxError(f"{where}={source}: the dataset is empty") from exc
             raise RlxError(f"{where}={source}: cannot be read as {kind}: {reason}") from exc
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, subset, split=split)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RlxError(
@@ -192,8 +226,14 @@ def column_map(kind: str, fmt: str, names: list[str], overrides: Mapping[str, An
         and "prompt" not in names
         and {"instruction", "response"} <= set(names)
     )
+    conversation = fmt in ("auto", "trl") and kind in ("sft", "prompts")
+    conversation = conversation and "prompt" not in names and "messages" in names
     mapping = dict(DOLLY_COLUMNS) if dolly else {k: k for k in KINDS[kind]}
-    if kind == "prompts":  # a reference answer is optional for a prompt file
+    if conversation and not (overrides or {}).get("prompt"):  # TRL's conversational language modeling
+        mapping = {"prompt": "messages", "_template": "messages"}
+        if kind == "sft":
+            mapping["completion"] = "messages"
+    if kind == "prompts" and "_template" not in mapping:  # a reference answer is optional
         if not dolly and "completion" in names:
             mapping["completion"] = "completion"
         if mapping.get("completion") not in names:
@@ -219,9 +259,14 @@ def read_examples(
     split: str = "train",
     limit: int | None = None,
     where: str = "data.train",
+    keep_columns: bool = False,
+    subset: str | None = None,
 ) -> tuple[list[Example], DataReport]:
-    """Rows of ``source`` as `Example`s, checked; identical pairs are counted and skipped."""
-    table = load_table(source, split=split, where=where)
+    """Rows of ``source`` as `Example`s, checked; identical pairs are counted and skipped.
+
+    ``keep_columns`` keeps every column of each row in ``Example.columns`` (what `task=text` hands
+    to rewards as keyword arguments)."""
+    table = load_table(source, split=split, where=where, subset=subset)
     names = list(table.column_names)
     mapping = column_map(kind, fmt, names, columns)
     template = mapping.pop("_template", None)
@@ -240,19 +285,46 @@ def read_examples(
         if limit is not None and len(out) >= limit:
             break
         values: dict[str, Any] = {}
+        if template == "messages":
+            msgs = as_messages(row["messages"])
+            split_ = _split_conversation(msgs) if msgs else None
+            if split_ is None and (kind == "sft" or msgs is None):
+                raise RlxError(
+                    f"{source} row {i + 1}: column 'messages' must be a list of {{role, content}} messages"
+                    + (" with an assistant turn after the first message" if kind == "sft" else "")
+                )
+            if split_ is not None and (kind == "sft" or msgs[-1]["role"] == "assistant"):
+                values["prompt"], values["completion"] = split_
+            else:  # a prompt file whose conversation waits for the assistant
+                values["prompt"] = msgs
         for role, col in mapping.items():
+            if template == "messages":
+                break
             v = row[col]
             if role.startswith("score_"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise RlxError(f"{source} row {i + 1}: column {col!r} must be a number, got {v!r}")
                 values[role] = float(v)
+            elif (msgs := as_messages(v)) is not None:  # TRL's conversational format
+                if role == "prompt":
+                    values[role] = msgs
+                else:  # a completion / chosen / rejected: the text of its assistant turns
+                    values[role] = "".join(m["content"] for m in msgs if m["role"] == "assistant")
             else:
                 if not isinstance(v, str):
-                    raise RlxError(f"{source} row {i + 1}: column {col!r} must be text, got {v!r}")
+                    raise RlxError(
+                        f"{source} row {i + 1}: column {col!r} must be text or a list of chat messages, "
+                        f"got {v!r}"
+                    )
                 values[role] = v
-        if not values["prompt"].strip() and template is None:
+        prompt_value = values["prompt"]
+        if isinstance(prompt_value, str) and not prompt_value.strip() and template is None:
             raise RlxError(f"{source} row {i + 1}: column {mapping['prompt']!r} is empty")
-        if template == "dolly":
+        if keep_columns:
+            values["columns"] = dict(row)
+        if not isinstance(prompt_value, str):
+            pass  # chat messages: the template does the rest
+        elif template == "dolly":
             ctx = row.get(context_col) if context_col and context_col in names else None
             values["prompt"] = dolly_prompt(values["prompt"], ctx if isinstance(ctx, str) else None)
         elif context_col and context_col in names and isinstance(row.get(context_col), str):

@@ -183,8 +183,14 @@ class OnlineTrainer:
             self.step, t.prompts_per_step, self.rank, self.world_size, stream=round_
         )
         ro = sample_groups(self.policy, prompts, t.group_size, self.sampling)
+        self.reward_parts: dict[str, float] = {}  # reward/<component> of reward=combined
         rewards = score_completions(
-            self.pieces.reward, ro.batch.prompts, ro.completions, ro.reward_columns(), ro.mask
+            self.pieces.reward,
+            ro.batch.prompts,
+            ro.completions,
+            ro.reward_columns(),
+            ro.mask,
+            self.reward_parts,
         )
         return ro, rewards
 
@@ -199,6 +205,7 @@ class OnlineTrainer:
             "reward/std": seq.std().item() if len(seq) > 1 else 0.0,
             "frac_reward_zero_std": frac_zero_std_groups(seq, group_size),
             "response/length": ro.mask.sum(-1).mean().item(),
+            **self.reward_parts,
         }
         if not self.algo.dynamic_sampling:
             return Batch(ro, rewards, metrics=metrics)

@@ -116,4 +116,37 @@ def build_hf(
         model = apply_lora(model, lora)
     policy = HFPolicy(model, tokenizer, task, "hf")
     policy.chat_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
+    if getattr(task, "chat", False) and not getattr(tokenizer, "chat_template", None):
+        raise RlxError(
+            f"task={task.name} has chat prompts (message lists or task.system_prompt) but the tokenizer of "
+            f"{source} has no chat template"
+        )
+    return policy
+
+
+def build_char_gpt(
+    task: Task,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_positions: int = 128,
+    chat_template: bool = True,
+    init_from: str | None = None,
+) -> HFPolicy:
+    """A GPT-2 built from a config (random init, dropout off) with a character-level tokenizer that
+    has a chat template (`rlx.models.tokenizer.build_char_tokenizer`): a text model small enough to
+    train on a CPU in minutes (``experiment=arithmetic_r1``). ``init_from`` loads a saved one."""
+    from transformers import GPT2LMHeadModel
+
+    from rlx.models.tokenizer import build_char_tokenizer, tiny_gpt2_config
+
+    if init_from:
+        return build_hf(task, name_or_path=str(init_from), chat_template=chat_template)
+    if n_embd % n_head:
+        raise RlxError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head}")
+    tokenizer = build_char_tokenizer()
+    cfg = tiny_gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions)
+    policy = HFPolicy(GPT2LMHeadModel(cfg), tokenizer, task, "char_gpt")
+    policy.chat_template = bool(chat_template)
     return policy

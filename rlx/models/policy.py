@@ -115,21 +115,31 @@ class Policy:
         return bool(getattr(self.model, "can_generate", lambda: False)())
 
     # -- text <-> ids --------------------------------------------------------------------------
-    def format_prompts(self, texts: list[str]) -> list[str]:
+    def format_prompts(self, texts: list[Any]) -> list[str]:
         """Prompt texts as the model reads them: through the tokenizer's chat template when the
-        policy was built with ``chat_template`` (model=hf), else unchanged."""
-        if not self.chat_template:
-            return list(texts)
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+        policy was built with ``chat_template`` (model=hf), else unchanged. A prompt that is a list
+        of chat messages (TRL's conversational format, ``task.system_prompt``) always goes through
+        the template, with the generation prompt added."""
+        out: list[str] = []
+        for t in texts:
+            if isinstance(t, str) and not self.chat_template:
+                out.append(t)
+                continue
+            messages = [{"role": "user", "content": t}] if isinstance(t, str) else list(t)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RlxError(
+                    f"prompts are chat messages but model {self.name}'s tokenizer has no chat template; "
+                    "use a model with one (model=hf), or text prompts without task.system_prompt"
+                )
+            out.append(
+                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             )
-            for t in texts
-        ]
+        return out
 
-    def prompt_token_ids(self, texts: list[str]) -> list[list[int]]:
+    def prompt_token_ids(self, texts: list[Any]) -> list[list[int]]:
         """Unpadded prompt ids, exactly as `encode` builds them (template and special tokens)."""
-        enc = self.tokenizer(self.format_prompts(texts), add_special_tokens=not self.chat_template)
+        templated = self.chat_template or any(not isinstance(t, str) for t in texts)
+        enc = self.tokenizer(self.format_prompts(texts), add_special_tokens=not templated)
         return [list(ids) for ids in enc["input_ids"]]
 
     def completion_token_ids(self, texts: list[str]) -> list[list[int]]:
@@ -140,13 +150,14 @@ class Policy:
         """Left-padded prompt ids and attention mask ``[N, P]`` on the policy's device."""
         return self.encode_texts([self.task.prompt_text(p) for p in prompts])
 
-    def encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """`encode` for prompt texts (``rlx sample`` and text tasks)."""
+    def encode_texts(self, texts: list[Any]) -> tuple[Tensor, Tensor]:
+        """`encode` for prompt texts or chat messages (``rlx sample`` and text tasks)."""
+        templated = self.chat_template or any(not isinstance(t, str) for t in texts)
         texts = self.format_prompts(texts)
         can_pad = self.tokenizer.pad_token is not None
         try:
             enc = self.tokenizer(
-                texts, padding=can_pad, return_tensors="pt", add_special_tokens=not self.chat_template
+                texts, padding=can_pad, return_tensors="pt", add_special_tokens=not templated
             )
         except ValueError as exc:  # unequal lengths and nothing to pad with (the toy models)
             raise RlxError(

@@ -56,3 +56,36 @@ def tiny_gpt2_config(
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
+
+
+# A chat template for the character-level tokenizer: role markers are single special tokens; an
+# assistant turn in a full conversation ends with EOS.
+CHAR_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<eos>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAR_SPECIALS = ("<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
+# R1-style reasoning tags as single (non-special) tokens, as tokenizers of reasoning models have them
+CHAR_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII and newline, with chat role tokens, the R1
+    tags as single tokens and a chat template (a real ``tokenizers`` BPE model without merges, so
+    ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip it)."""
+    chars = ["\n", *[chr(c) for c in range(32, 127)]]
+    table = {w: i for i, w in enumerate([*CHAR_SPECIALS, *CHAR_TAGS, *chars])}
+    tok = Tokenizer(models.BPE(vocab=table, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(CHAR_SPECIALS))
+    tok.add_tokens(list(CHAR_TAGS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=list(CHAR_SPECIALS[3:]),
+        padding_side="left",
+        chat_template=CHAR_CHAT_TEMPLATE,
+    )
