@@ -286,3 +286,15 @@ def test_checkpoints_are_kept_to_the_newest(tmp_path):
     train(cfg, run_dir=tmp_path)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_000003", "step_000004"]
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_non_finite_weights_after_a_finite_update_stop_the_run(mode, tmp_path):
+    """Issue 14 item 6: lr=1e30 turns a finite gradient into inf weights; the optimizer step notices
+    (whatever on_nonfinite says: the step cannot be undone) instead of crashing in the next rollout."""
+    cfg = compose_cfg([*TINY, "trainer.lr=1e30", f"trainer.on_nonfinite={mode}", "logger=none"])
+    with pytest.raises(
+        NonFiniteError, match="weights became non-finite after the optimizer step of iteration 1"
+    ):
+        train(cfg, run_dir=tmp_path)
+    assert not (tmp_path / "final").exists()
