@@ -166,16 +166,16 @@ def load_critic(path: str | Path, policy: Policy) -> Critic:
     where = f"algo.critic_path={path}"
     if not (path / "config.json").is_file():
         raise RlxError(f"{where} is not a save_pretrained model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     archs = getattr(config, "architectures", None) or []
     is_rm = any(a.endswith("ForSequenceClassification") for a in archs)
     if is_rm:
         if getattr(config, "num_labels", None) != 1:
             raise RlxError(f"{where}: a sequence-classification checkpoint needs num_labels=1 to be a critic")
-        model = AutoModelForSequenceClassification.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=False)
         trunk = model.base_model
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
         trunk = model
     vocab = int(model.get_input_embeddings().weight.shape[0])
     if vocab != int(policy.model.get_input_embeddings().weight.shape[0]):
