@@ -357,8 +357,7 @@ def _build_locked(
         keep_first_row_at(run_dir / "metrics.jsonl", int(state["step"]))  # a final evaluation comes again
     sweep = read_sweep(sweep_dir) if sweep_dir is not None else {}
     tags = run_tags(c, run_dir=run_dir, overrides=overrides, launch_dir=launch_dir)
-    if rank == 0:
-        console.print(f"torch threads: {_torch_threads()} (trainer.threads={p.trainer.threads})")
+    log.debug(f"torch threads: {_torch_threads()} (trainer.threads={p.trainer.threads})")
     # The tracker (and so the MLflow run) is made before the training seed is set, and rlx names the
     # run itself: MLflow draws its random run names from Python's `random`.
     tracker = Tracker(

@@ -94,8 +94,8 @@ class TrainerSettings:
         require(self.samples_every >= 0, f"trainer.samples_every must be >= 0, got {self.samples_every}")
         NonFiniteGuard(self.on_nonfinite, self.max_nonfinite)  # checks both values
         require(  # h12
-            self.threads == "auto" or (isinstance(self.threads, int) and self.threads >= 0),
-            f"trainer.threads must be auto, 0 (= auto) or a positive number, got {self.threads!r}",
+            self.threads == "auto" or (isinstance(self.threads, int) and 0 <= self.threads <= 4096),
+            f"trainer.threads must be auto, 0 (= auto) or a count up to 4096, got {self.threads!r}",
         )
 
 

@@ -6,9 +6,11 @@ sweep before the first one starts).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import torch
+import yaml
 
 from rlx.advantages import ADVANTAGES
 from rlx.errors import require
@@ -19,6 +21,11 @@ from rlx.losses.aggregation import AGGREGATIONS
 from rlx.losses.policy import POLICY_LOSSES
 from rlx.rewards import REWARDS, load_callable
 from rlx.settings import read_settings
+
+OFFLINE_ALGO_KEYS = (
+    *yaml.safe_load((resources.files("rlx.conf") / "loop" / "offline.yaml").read_text())["algo"],
+    "loss",
+)
 
 
 @dataclass
@@ -108,7 +115,10 @@ def plan_online(p: Plan) -> OnlinePlan:
     c, t = p.cfg, p.trainer
     keys_of = {name: _fields(UPDATES.get(name).meta.get("settings")) for name in UPDATES.names()}
     every_update_key = tuple(k for keys in keys_of.values() for k in keys)
-    algo = read_settings(OnlineAlgoSettings, c["algo"], where="algo", ignore=every_update_key)
+    # An experiment that spans both loops (rlhf_sort, arithmetic_r1) may set the offline loop's algo
+    # keys for its offline stages: the online stages leave them to it (conf/loop/offline.yaml lists them).
+    ignore = (*every_update_key, *OFFLINE_ALGO_KEYS)
+    algo = read_settings(OnlineAlgoSettings, c["algo"], where="algo", ignore=ignore)
     update = UPDATES.get(algo.update)
     stray = sorted(k for k in c["algo"] if k in every_update_key and k not in keys_of[update.name])
     require(
