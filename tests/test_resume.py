@@ -89,7 +89,7 @@ def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(tmp_path, ref
     # the same command again: trainer.resume=auto picks up the newest complete checkpoint
     res = run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"resumed from {newest}" in res.stderr.replace("\n", "")
+    assert f"resumedfrom{newest}" in "".join(res.stderr.split())  # the log handler wraps long lines
     assert metrics(run) == reference  # bit for bit, every step, eval rows included
     assert not list((run / "checkpoints").glob(".step_*"))  # no half-written checkpoint left over
 
