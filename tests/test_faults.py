@@ -419,7 +419,6 @@ def documented_keys() -> list[tuple[str, str]]:
 # What plan() accepts, each a value a run must complete with (checked by the real runs below).
 ACCEPTED = {
     "trainer.seed=0": "a seed",
-    "trainer.threads=0": "the automatic thread count (= auto)",
     "trainer.steps=0": "evaluates the initial model only",
     "trainer.warmup_ratio=0": "no warmup (the default)",
     "trainer.min_lr_ratio=0": "cosine to 0",

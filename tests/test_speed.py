@@ -27,6 +27,7 @@ def test_trainer_threads_is_applied_in_a_real_run(threads, env, expected, tmp_pa
     run = tmp_path / "run"
     out = run_rlx(
         "train",
+        "-v",  # the thread count is a debug line
         *TINY,
         "trainer.steps=0",
         "logger=none",

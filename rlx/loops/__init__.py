@@ -94,8 +94,8 @@ class TrainerSettings:
         require(self.samples_every >= 0, f"trainer.samples_every must be >= 0, got {self.samples_every}")
         NonFiniteGuard(self.on_nonfinite, self.max_nonfinite)  # checks both values
         require(  # h12
-            self.threads == "auto" or (isinstance(self.threads, int) and 0 <= self.threads <= 4096),
-            f"trainer.threads must be auto, 0 (= auto) or a count up to 4096, got {self.threads!r}",
+            self.threads == "auto" or (isinstance(self.threads, int) and 1 <= self.threads <= 4096),
+            f"trainer.threads must be auto or a count from 1 to 4096, got {self.threads!r}",
         )
 
 
