@@ -116,3 +116,115 @@ def test_chunked_logp_and_entropy_equal_the_full_log_softmax(monkeypatch):
     g1 = torch.autograd.grad(token_logp(logits, tokens, 0.7).sum(), logits)[0]
     g2 = torch.autograd.grad(full.gather(-1, tokens[..., None]).sum(), logits)[0]
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_logp_and_entropy_match_log_softmax_with_gradients(temperature, monkeypatch):
+    """The fused, chunked head (`linear_logp_entropy`) against log_softmax of the full logits, in
+    float64: values and the gradients of hidden states, weight and bias, for any mix of the two
+    outputs, with chunks that do not divide the rows."""
+    import rlx.models.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "FUSED_CHUNK_ELEMENTS", 7 * 50)  # 7 rows of V = 50 per chunk
+    torch.manual_seed(0)
+    h = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (23,))
+    a, c = torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    for with_entropy, wa, wc in [(False, 1.0, 0.0), (True, 1.0, 1.0), (True, 0.0, 1.0)]:
+        logp, ent = logprobs.linear_logp_entropy(h, w, b, y, temperature, with_entropy)
+        loss = wa * (logp @ a) + (wc * (ent @ c) if ent is not None else 0.0)
+        mine = torch.autograd.grad(loss, (h, w, b))
+        full = torch.log_softmax((h @ w.T + b) / temperature, -1)
+        ref_logp = full.gather(-1, y[:, None])[:, 0]
+        ref_ent = -(full.exp() * full).sum(-1)
+        assert torch.allclose(logp, ref_logp, atol=1e-12)
+        if with_entropy:
+            assert torch.allclose(ent, ref_ent, atol=1e-12)
+        ref = torch.autograd.grad(wa * (ref_logp @ a) + wc * (ref_ent @ c), (h, w, b))
+        for x, r in zip(mine, ref):
+            assert torch.allclose(x, r, atol=1e-10)
+
+
+def test_the_update_scores_completions_without_full_vocabulary_logits():
+    """`Policy.score` (the update's and the reference's pass) on a 20k-vocabulary Qwen2: the same
+    log-probs and entropies as the model's own logits, 0 after EOS, gradients equal, and no tensor
+    of N x T x V elements allocated in the forward or the backward."""
+    import rlx.models.logprobs as logprobs
+
+    policy = qwen2_policy()
+    n, t, v = 6, 8, policy.vocab_size
+    assert logprobs.linear_head(policy.model) is not None  # the fused path is the one under test
+    torch.manual_seed(1)
+    ids = torch.randint(5, v, (n, 5))
+    mask = torch.ones_like(ids)
+    mask[:2, :2] = 0
+    comp = torch.randint(5, v, (n, t))
+    comp_mask = torch.ones(n, t)
+    comp_mask[0, 3:] = 0  # one completion ended early
+    biggest = LargestTensor()
+    with biggest:
+        scores = policy.score(ids, mask, comp, comp_mask, 0.8, entropy=True)
+        (scores.logp.sum() + scores.entropy.sum()).backward()
+    assert biggest.numel < n * t * v
+    mine = [p.grad.clone() for p in policy.model.parameters()]
+    policy.model.zero_grad()
+    logits = policy.completion_logits(ids, mask, comp, comp_mask)
+    ref_logp = token_logp(logits, comp, 0.8) * comp_mask
+    ref_ent = token_entropy(logits, 0.8) * comp_mask
+    assert torch.allclose(scores.logp, ref_logp, atol=1e-5)
+    assert (scores.logp[0, 3:] == 0).all()
+    assert torch.allclose(scores.entropy * comp_mask, ref_ent, atol=1e-4)
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    for g, p in zip(mine, policy.model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_a_model_whose_logits_are_not_its_head_keeps_the_logits_path():
+    """Gemma 2 soft-caps its logits: the one-time check sees that head(hidden) != logits and the
+    model is scored through its own logits, with the same numbers as `token_logp`."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    import rlx.models.logprobs as logprobs
+
+    cfg = Gemma2Config(
+        vocab_size=300,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=0.5,  # small enough that capping changes every logit
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    assert logprobs.linear_head(model) is None
+    assert not logprobs._head_matches_logits(model, model.lm_head)  # the numeric check sees it too
+    ids, comp = torch.randint(0, 300, (2, 4)), torch.randint(0, 300, (2, 3))
+    m, cm = torch.ones_like(ids), torch.ones(2, 3)
+    scores = logprobs.score_completions(model, ids, m, comp, cm)
+    logits = model(input_ids=torch.cat([ids, comp], 1)).logits[:, 3:6]
+    assert torch.allclose(scores.logp, token_logp(logits, comp), atol=1e-5)
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    """`sample_categorical` (two-level inverse CDF) against the probabilities it is given, on a
+    vocabulary that does not divide into blocks: total variation at the level of sampling noise,
+    tokens of probability 0 never drawn."""
+    from rlx.models.policy import sample_categorical
+
+    torch.manual_seed(0)
+    v = 1000
+    logits = torch.randn(v) * 2
+    logits[::5] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    draws = sample_categorical(probs.expand(40000, v).contiguous(), block=64)
+    freq = torch.bincount(draws, minlength=v).double() / len(draws)
+    assert freq[::5].sum() == 0
+    tv = 0.5 * (freq - probs.double()).abs().sum().item()
+    ref = torch.bincount(torch.multinomial(probs, 40000, replacement=True), minlength=v).double() / 40000
+    tv_ref = 0.5 * (ref - probs.double()).abs().sum().item()
+    assert tv < 1.5 * tv_ref + 0.01, (tv, tv_ref)  # as close as torch.multinomial's own draws
+    assert draws.max() < v

@@ -136,10 +136,18 @@ def test_micro_batches_give_the_same_update(aggregation, tmp_path):
     ]
     train(compose_cfg(base), run_dir=tmp_path / "whole")
     train(compose_cfg([*base, "trainer.micro_batch_size=3"]), run_dir=tmp_path / "micro")
+    train(compose_cfg([*base, "trainer.steps=0"]), run_dir=tmp_path / "init")
     a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     b = load_file(tmp_path / "micro" / "final" / "model.safetensors")
+    a0 = load_file(tmp_path / "init" / "final" / "model.safetensors")
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+        # float32 summation order differs between the two; Adam divides each gradient by its own
+        # running scale, so an element whose gradient is rounding noise moves by noise / noise. The
+        # weights must agree to 1e-6 or to 1% of the step the update took on that tensor.
+        step = (a[k] - a0[k]).abs().max().item()
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= max(1e-6, 0.01 * step), (k, diff, step)
+        assert step > 0, k
 
 
 def test_epochs_and_minibatches_make_several_optimizer_steps(tmp_path):

@@ -128,7 +128,7 @@ class CompletionsFeed(Feed):
             p_ids, p_mask, c_ids, c_mask = pad_batch(
                 [data.prompts[i] for i in rows], [data.first[i] for i in rows], self.pad_id(), self.device
             )
-            logp = token_logp(self.policy.completion_logits(p_ids, p_mask, c_ids, c_mask), c_ids)
+            logp = self.policy.score(p_ids, p_mask, c_ids, c_mask).logp
             mask = c_mask
         else:
             logp, mask = self.packed_logp([data[i] for i in rows])
@@ -183,8 +183,7 @@ class PairsFeed(Feed):
         prompts = [data.prompts[i] for i in rows]
         comps = [data.first[i] for i in rows] + [data.second[i] for i in rows]
         p_ids, p_mask, c_ids, c_mask = pad_batch(prompts + prompts, comps, self.pad_id(), self.device)
-        logits = model.completion_logits(p_ids, p_mask, c_ids, c_mask)
-        seq = masked_sum(token_logp(logits, c_ids), c_mask, dim=-1)
+        seq = masked_sum(model.score(p_ids, p_mask, c_ids, c_mask).logp, c_mask, dim=-1)
         return seq[: len(rows)], seq[len(rows) :]
 
     def prepare(self, data: Encoded, eval_data: Encoded | None, size: int, show: bool) -> None:

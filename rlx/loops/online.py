@@ -44,7 +44,7 @@ from rlx.loops.online_settings import OnlinePlan, plan_online
 from rlx.loops.update import UPDATES, Batch, Learner
 from rlx.losses.value import explained_variance
 from rlx.masked import masked_mean, masked_sum, masked_whiten
-from rlx.models import Policy, token_logp
+from rlx.models import Policy
 from rlx.models.value import ActorCriticPolicy, build_critic
 from rlx.rewards import score_completions
 from rlx.rollout import Rollout, sample_groups
@@ -244,10 +244,8 @@ class OnlineTrainer:
         for idx in chunks(
             torch.arange(len(ro.tokens), device=ro.tokens.device), self.plan.trainer.micro_batch_size
         ):
-            logits = self.ref.completion_logits(
-                ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx]
-            )
-            out[idx] = token_logp(logits, ro.tokens[idx], self.sampling.temperature) * ro.mask[idx]
+            args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
+            out[idx] = self.ref.score(*args, self.sampling.temperature).logp
         batch.ref_logp = out
         batch.ref_kl = self.pieces.kl(ro.old_logp, out) * ro.mask
         batch.metrics["kl/ref"] = masked_mean(batch.ref_kl, ro.mask).item()
@@ -264,7 +262,8 @@ class OnlineTrainer:
         ):
             args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
             if self.critic.shared:
-                values = self.critic.values_from_hidden(self.policy.completion_logits_and_hidden(*args)[1])
+                hidden = self.policy.hidden_states(*args)
+                values = self.critic.values_from_hidden(hidden)
             else:
                 values = self.critic.values(*args)
             out[idx] = values.float() * ro.mask[idx]

@@ -35,10 +35,10 @@ from torch import Tensor
 from rlx.loops import NonFiniteGuard, chunks
 from rlx.loops.optim import optimizer_step, zero_grad
 from rlx.losses.aggregation import token_mean
-from rlx.losses.entropy import token_entropy
 from rlx.losses.value import clipped_value_loss
 from rlx.masked import masked_mean, masked_sum
-from rlx.models import Policy, token_logp
+from rlx.models import Policy
+from rlx.models.logprobs import CompletionScores
 from rlx.models.value import Critic
 from rlx.registry import Registry, Resolved
 from rlx.rollout import Rollout
@@ -107,15 +107,18 @@ class Learner:
         agg, max_len = self.pieces.aggregation, self.max_len
         return lambda x, mask: agg(x, mask, num_tokens, num_seqs, max_len=max_len)
 
-    def forward(self, ro: Rollout, idx: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Policy logits and (with a critic) values for rows ``idx``; one pass when the trunk is shared."""
+    def forward(self, ro: Rollout, idx: Tensor, *, entropy: bool) -> tuple[CompletionScores, Tensor | None]:
+        """Log-probs (and the entropy when asked) of rows ``idx`` and, with a critic, their values; one
+        pass when the trunk is shared. No ``[N, T, V]`` logits (`Policy.score`)."""
         args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
+        shared = self.critic is not None and self.critic.shared
+        scores = self.policy.score(*args, self.temperature, entropy=entropy, hidden=shared)
         if self.critic is None:
-            return self.policy.completion_logits(*args), None
-        if self.critic.shared:
-            logits, hidden = self.policy.completion_logits_and_hidden(*args)
-            return logits, self.critic.values_from_hidden(hidden)
-        return self.policy.completion_logits(*args), self.critic.values(*args)
+            return scores, None
+        if shared:
+            assert scores.hidden is not None
+            return scores, self.critic.values_from_hidden(scores.hidden)
+        return scores, self.critic.values(*args)
 
 
 def minibatch_gradients(
@@ -139,8 +142,8 @@ def minibatch_gradients(
     for idx in chunks(rows, learner.micro_batch_size):
         share = len(idx) / num_seqs
         mask = ro.mask[idx]
-        logits, values = learner.forward(ro, idx)
-        logp = token_logp(logits, ro.tokens[idx], learner.temperature)
+        scores, values = learner.forward(ro, idx, entropy=bool(algo.entropy_coef) or log_entropy)
+        logp = scores.logp
         assert batch.advantages is not None
         per_token, loss_metrics = learner.pieces.policy_loss(
             logp, ro.old_logp[idx], batch.advantages[idx], mask
@@ -157,13 +160,10 @@ def minibatch_gradients(
             total = policy_loss + algo.vf_coef * value_loss
             what = f"loss (policy loss {policy_loss.item()}, value loss {value_loss.item()})"
             loss_metrics = {**loss_metrics, **value_metrics}
-        entropy: Tensor | None = None  # h12: only when used or logged, chunked
+        entropy = scores.entropy  # computed only when the bonus is on or the metric is logged
         if algo.entropy_coef:
-            entropy = token_entropy(logits, learner.temperature)
+            assert entropy is not None
             total = total - algo.entropy_coef * agg(entropy, mask)
-        elif log_entropy:
-            with torch.no_grad():
-                entropy = token_entropy(logits.detach(), learner.temperature)
         if learner.kl_in_loss:
             assert batch.ref_logp is not None and learner.pieces.kl is not None
             kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)

@@ -17,9 +17,8 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """
     rows = max(CHUNK_ELEMENTS // max(logits[0].numel(), 1), 1) if len(logits) else 1
     if logits.dim() >= 3 and logits.shape[0] > rows:
-        return torch.cat(
-            [token_entropy(logits[i : i + rows], temperature) for i in range(0, len(logits), rows)]
-        )
+        # split, not slicing: a slice's backward allocates a zero tensor the size of all of `logits`
+        return torch.cat([token_entropy(chunk, temperature) for chunk in logits.split(rows)])
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
-from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from rlx.errors import RlxError
+from rlx.models.logprobs import CompletionScores, score_completions
 from rlx.tasks import Task
 
 
@@ -63,17 +64,49 @@ def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tens
     """
     rows = chunk_rows(logits)
     if logits.dim() == tokens.dim() + 1 and logits.dim() >= 3 and logits.shape[0] > rows:
+        # split, not slicing: the backward of `split` is one concatenation, while each slice's backward
+        # would allocate a zero tensor the size of all of `logits` (quadratic in the number of chunks)
         return torch.cat(
-            [
-                token_logp(logits[i : i + rows], tokens[i : i + rows], temperature)
-                for i in range(0, logits.shape[0], rows)
-            ]
+            [token_logp(lg, tk, temperature) for lg, tk in zip(logits.split(rows), tokens.split(rows))]
         )
     scaled = logits.float()
     if temperature != 1.0:
         scaled = scaled / temperature
     chosen = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return chosen - torch.logsumexp(scaled, dim=-1)
+
+
+def sample_categorical(probs: Tensor, block: int = 1024) -> Tensor:
+    """One draw per row of ``probs`` ``[N, V]`` (unnormalised is fine) by inverse CDF, in two levels.
+
+    ``torch.multinomial`` draws V exponential variates per row (its race-of-exponentials method): at
+    V = 151936 that was 120 ms of each 210 ms sampling step here. Inverse CDF needs one uniform per row;
+    a float64 running sum over the whole vocabulary is itself slow, so the vocabulary is cut into blocks
+    of ``block`` tokens: one uniform picks a block by the running sum of block masses, then a token by
+    the running sum inside that block only. Exact up to float64 rounding; tokens of probability 0 are
+    never drawn (``right=True`` skips flat steps of a running sum, and the position inside the chosen
+    block is kept strictly below its mass)."""
+    n, v = probs.shape
+    if v <= block:
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        u = torch.rand(n, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=v - 1)
+    full = v - v % block
+    mass = probs[:, :full].unflatten(-1, (-1, block)).sum(-1, dtype=torch.float64)  # [N, B] (a view)
+    if full < v:  # the last, shorter block
+        mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+    cdf = mass.cumsum(-1)
+    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    b = torch.searchsorted(cdf, u, right=True).clamp_(max=mass.shape[1] - 1)  # [N, 1]
+    before = cdf.gather(1, b) - mass.gather(1, b)
+    # where u falls inside block b, as a fraction of the block's mass, kept < 1 (rounding)
+    frac = ((u - before) / mass.gather(1, b)).clamp_(0.0, 1.0 - 2.0**-40)
+    cols = b * block + torch.arange(block, device=probs.device)  # [N, block]
+    inner = (
+        probs.gather(1, cols.clamp(max=v - 1)).masked_fill_(cols >= v, 0.0).cumsum(-1, dtype=torch.float64)
+    )
+    j = torch.searchsorted(inner, frac * inner[:, -1:], right=True).clamp_(max=block - 1)
+    return (b * block + j).squeeze(1)
 
 
 def completion_mask(tokens: Tensor, eos_id: int | None) -> Tensor:
@@ -193,16 +226,45 @@ class Policy:
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, comp_mask: Tensor
     ) -> Tensor:
         """Logits for every completion position, ``[N, T, V]``, with gradient (teacher forcing)."""
-        return completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask)[0]
+        logits = completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask)[0]
+        assert logits is not None
+        return logits
 
-    def completion_logits_and_hidden(
+    def hidden_states(
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, comp_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Logits ``[N, T, V]`` and the last hidden state ``[N, T, H]`` at the same positions (the
-        state before each completion token: what a value head reads), from one forward pass."""
-        logits, hidden = completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask, True)
+    ) -> Tensor:
+        """The last hidden state ``[N, T, H]`` at the positions that predict each completion token (what
+        a value head reads), without the LM head's logits."""
+        _, hidden = completion_forward(
+            self.model, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False
+        )
         assert hidden is not None
-        return logits, hidden
+        return hidden
+
+    def score(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion: Tensor,
+        comp_mask: Tensor,
+        temperature: float = 1.0,
+        *,
+        entropy: bool = False,
+        hidden: bool = False,
+    ) -> CompletionScores:
+        """``log pi(y_t)`` ``[N, T]`` of the given completion tokens (0 after EOS), with gradient, and on
+        request the entropy and the last hidden state at each completion position, without ``[N, T, V]``
+        logits where the model allows it (`rlx.models.logprobs.score_completions`)."""
+        return score_completions(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            completion,
+            comp_mask,
+            temperature,
+            entropy=entropy,
+            hidden=hidden,
+        )
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,16 +291,16 @@ class Policy:
         mask = completion_mask(tokens, self.eos_id).to(tokens.device)
         return tokens, mask, logp * mask
 
-    def _warpers(self, sampling: Sampling, greedy: bool) -> LogitsProcessorList:
-        """transformers' own logits warpers for the sampling filters (they only choose what is drawn)."""
+    def _filters(self, sampling: Sampling, greedy: bool) -> LogitsProcessorList | None:
+        """transformers' own top-k / top-p warpers (they only choose what is drawn; the temperature is
+        applied before them, as generate() orders its warpers), or None when neither is on."""
         warpers = LogitsProcessorList()
         if not greedy:
-            warpers.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_k > 0:
                 warpers.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(sampling.top_p))
-        return warpers
+        return warpers or None
 
     def _sample(
         self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, max_new: int, greedy: bool
@@ -254,7 +316,7 @@ class Policy:
         generate() can only hand back every step's full logits (``output_logits``), ``[N, T, V]``, and
         pays a per-step overhead that dominates for small models.
         """
-        warpers = self._warpers(sampling, greedy)
+        filters = self._filters(sampling, greedy)
         temperature = sampling.temperature
         cached = self.uses_hf_generate
         n, device = prompt_ids.shape[0], prompt_ids.device
@@ -281,15 +343,18 @@ class Policy:
                 logits = out.logits[:, -1].float()
             else:
                 logits = self.model(input_ids=ids).logits[:, -1].float()
+            z = logits / temperature if temperature != 1.0 else logits
+            lse = torch.logsumexp(z, dim=-1)
             if greedy:
                 nxt = logits.argmax(-1)
+            elif filters:
+                nxt = sample_categorical(torch.softmax(filters(ids, z.clone()), dim=-1))
             else:
-                probs = torch.softmax(warpers(ids, logits.clone()), dim=-1)
-                nxt = torch.multinomial(probs, 1).squeeze(-1)
+                nxt = sample_categorical(torch.exp(z - lse[:, None]))
             if self.eos_id is not None:
                 nxt = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
             step_tokens.append(nxt)
-            step_logp.append(token_logp(logits, nxt, temperature))
+            step_logp.append(z.gather(-1, nxt[:, None]).squeeze(-1) - lse)  # token_logp, lse reused
             if self.eos_id is not None:
                 unfinished &= nxt != self.eos_id
                 if not bool(unfinished.any()):
@@ -335,10 +400,12 @@ def completion_forward(
     completion: Tensor,
     comp_mask: Tensor,
     hidden: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    logits: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
     """One teacher-forced pass of ``model`` over prompt + completion: the outputs at the positions that
-    predict each completion token (logits ``[N, T, V]``, and with ``hidden`` the last hidden state
-    ``[N, T, H]``). Left padding: positions count real tokens only, as generate() does."""
+    predict each completion token (logits ``[N, T, V]`` unless ``logits=False``, and with ``hidden``
+    the last hidden state ``[N, T, H]``). Left padding: positions count real tokens only, as generate()
+    does. Without ``logits`` the model's own head runs over one position per row (``logits_to_keep=1``)."""
     ids = torch.cat([prompt_ids, completion], dim=1)
     attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
     position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
@@ -346,20 +413,20 @@ def completion_forward(
     extra: dict[str, Any] = {"output_hidden_states": True} if hidden else {}
     keep = _accepts(model, "logits_to_keep")
     if keep:  # the LM head over the last t + 1 positions only, not the prompt's (h12)
-        extra["logits_to_keep"] = t + 1
+        extra["logits_to_keep"] = t + 1 if logits else 1
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, **extra)
-    logits = getattr(out, "logits", None)
-    if logits is not None:
-        logits = logits[:, :t] if keep else logits[:, p - 1 : p - 1 + t]
+    scores = getattr(out, "logits", None) if logits else None
+    if scores is not None:
+        scores = scores[:, :t] if keep else scores[:, p - 1 : p - 1 + t]
     if not hidden:
-        return logits, None
+        return scores, None
     states = getattr(out, "hidden_states", None)
     if not states:
         raise RlxError(
             f"{type(model).__name__} returns no hidden states (output_hidden_states), so it cannot carry "
             "a value head"
         )
-    return logits, states[-1][:, p - 1 : p - 1 + t]
+    return scores, states[-1][:, p - 1 : p - 1 + t]
 
 
 def _accepts(model: Any, name: str) -> bool:

@@ -56,7 +56,7 @@ def _hidden_size(model: Any, policy: Policy) -> int:
     with torch.no_grad():
         try:
             _, hidden = completion_forward(
-                model, ids.to(_device(model)), mask.to(_device(model)), one, one, True
+                model, ids.to(_device(model)), mask.to(_device(model)), one, one, True, logits=False
             )
         except RlxError as exc:
             raise RlxError(
@@ -113,7 +113,9 @@ class Critic(nn.Module):
     def values(
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, comp_mask: Tensor
     ) -> Tensor:
-        _, hidden = completion_forward(self.trunk, prompt_ids, prompt_mask, completion, comp_mask, True)
+        _, hidden = completion_forward(
+            self.trunk, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False
+        )
         assert hidden is not None
         return self.head(hidden)
 

@@ -1,0 +1,265 @@
+"""Per-token log-probs (and entropies) of given completions, without ``[N, T, V]`` logits.
+
+The update, the reference model and the offline losses need ``log pi(y_t)`` of every completion
+token, with gradient; the entropy bonus needs ``H_t`` too. Computing them from the model's logits
+costs a ``[N, T, V]`` tensor in the forward (1.2 GB in float32 at N = 32, T = 64, V = 151936) and
+another of the same size for its gradient. Here the LM head is applied inside one autograd function,
+a chunk of rows at a time: the forward keeps only ``logsumexp`` per row, the backward recomputes
+each chunk's logits from the saved hidden states (the head's matmul, again) and turns them straight
+into the gradients of the hidden states and of the head. That is the "fused linear cross-entropy"
+of Liger-Kernel (Hsu et al., 2024) and of Apple's Cut Cross-Entropy (Wijmans et al., 2024), written
+in plain torch for the log-prob of the *sampled* token (what RL needs) plus the entropy. Rows after a
+completion's EOS are never scored: their log-prob is 0, as the rollout's old log-probs are.
+
+Whether a model's logits really are ``hidden @ W^T + b`` (no soft-capping, no logit scale) is checked
+once per model by comparing the two on a three-token input; models that fail the check, or have no
+linear output embedding, go through their logits in chunks (`token_logp`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Logits per chunk inside the fused function: 2**25 float32 values (128 MB) are ~220 rows at
+# V = 151936, enough rows for the head's matmul to run at full speed, small next to [N, T, V].
+FUSED_CHUNK_ELEMENTS = 1 << 25
+
+
+class CompletionScores(NamedTuple):
+    """What one teacher-forced pass gives: ``logp`` ``[N, T]`` (0 after EOS), ``entropy`` ``[N, T]``
+    when asked for, and ``hidden`` ``[N, T, H]`` (the state before each completion token) when asked for."""
+
+    logp: Tensor
+    entropy: Tensor | None
+    hidden: Tensor | None
+
+
+class _LinearLogpEntropy(torch.autograd.Function):
+    """``logp = z[y] - logsumexp(z)`` and ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` for
+    ``z = (h W^T + b) / tau``, chunked over rows; see the module docstring.
+
+    Every chunk's logits go into one reused buffer and are transformed in place: a fresh
+    chunk-sized allocation per step costs page faults that took as long as the exp itself here."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        tokens: Tensor,
+        temperature: float,
+        with_entropy: bool,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        m, acc = hidden.shape[0], _accumulation_dtype(hidden)
+        logp = hidden.new_empty(m, dtype=acc)
+        lse = hidden.new_empty(m, dtype=acc)
+        entropy = hidden.new_empty(m if with_entropy else 0, dtype=acc)
+        buf = hidden.new_empty(min(chunk, m), weight.shape[0], dtype=acc)
+        spare = torch.empty_like(buf) if with_entropy else None
+        for i in range(0, m, chunk):
+            rows = slice(i, i + chunk)
+            z = _logits_into(buf, hidden[rows], weight, bias, temperature)
+            chosen = z.gather(-1, tokens[rows, None]).squeeze(-1)
+            top = z.amax(-1, keepdim=True)
+            z.sub_(top)  # z - max: exp cannot overflow
+            if with_entropy:
+                assert spare is not None
+                e = torch.exp(z, out=spare[: len(z)])
+                total = e.sum(-1)
+                # sum_v p_v z_v = max + sum_v e_v (z_v - max) / sum_v e_v, as a batched dot product
+                ez = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / total
+                entropy[rows] = total.log() - ez
+            else:
+                total = z.exp_().sum(-1)
+            lse[rows] = top.squeeze(-1) + total.log()
+            logp[rows] = chosen - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: Tensor | None, g_entropy: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk
+        if not ctx.with_entropy:
+            g_entropy = None
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None, None, None
+        acc = _accumulation_dtype(hidden)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        g_hidden = torch.empty_like(hidden) if want_h else None
+        g_weight = torch.zeros_like(weight, dtype=acc) if want_w else None
+        g_bias = torch.zeros_like(bias, dtype=acc) if want_b else None
+        m = hidden.shape[0]
+        buf = hidden.new_empty(min(chunk, m), weight.shape[0], dtype=acc)
+        spare = torch.empty_like(buf) if g_entropy is not None else None
+        for i in range(0, m, chunk):
+            rows = slice(i, i + chunk)
+            h = hidden[rows]
+            log_p = _logits_into(buf, h, weight, bias, tau).sub_(lse[rows, None])
+            # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (log p + H)
+            if g_entropy is not None:
+                assert spare is not None
+                p = torch.exp(log_p, out=spare[: len(log_p)])
+                g_z = log_p.add_(entropy[rows, None]).mul_(p).mul_(-g_entropy[rows, None])
+                if g_logp is not None:
+                    g_z.addcmul_(p, g_logp[rows, None], value=-1.0)
+            else:
+                assert g_logp is not None
+                g_z = log_p.exp_().mul_(-g_logp[rows, None])
+            if g_logp is not None:
+                g_z.scatter_add_(-1, tokens[rows, None], g_logp[rows, None])
+            if tau != 1.0:
+                g_z.div_(tau)
+            if g_hidden is not None:
+                g_hidden[rows] = (g_z @ weight.to(acc)).to(hidden.dtype)
+            if g_weight is not None:  # g_W += g_z^T h
+                g_weight.addmm_(g_z.t(), h.to(acc))
+            if g_bias is not None:
+                g_bias += g_z.sum(0)
+        g_weight = g_weight.to(weight.dtype) if g_weight is not None else None
+        g_bias = g_bias.to(bias.dtype) if g_bias is not None else None
+        return g_hidden, g_weight, g_bias, None, None, None, None
+
+
+def _accumulation_dtype(hidden: Tensor) -> torch.dtype:
+    """float32 for float32/bf16/fp16 hidden states (the log-probs are float32 everywhere), float64 for
+    float64 (so ``torch.autograd.gradcheck`` can check the function exactly)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """``(h W^T + b) / tau`` written into the first ``len(h)`` rows of ``buf``, which are returned."""
+    z = buf[: len(h)]
+    if h.dtype == weight.dtype == z.dtype:
+        torch.mm(h, weight.t(), out=z)
+        if bias is not None:
+            z.add_(bias)
+    else:  # bf16 / fp16 weights: the matmul in their dtype, the softmax arithmetic in float32
+        z.copy_(F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)))
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def linear_logp_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``log pi(y)`` ``[M]`` (and ``H`` ``[M]``) for hidden states ``[M, H]`` through the head
+    ``(W [V, H], b)``, at temperature ``tau``; float32, differentiable in ``hidden``, ``W`` and ``b``."""
+    chunk = max(FUSED_CHUNK_ELEMENTS // max(weight.shape[0], 1), 1)
+    logp, entropy = _LinearLogpEntropy.apply(hidden, weight, bias, tokens, temperature, with_entropy, chunk)
+    return logp, (entropy if with_entropy else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# which models can use it
+# --------------------------------------------------------------------------------------------------
+# config keys of transformers models that change the logits after the LM head (Gemma 2/3, Cohere,
+# Granite); a model with one of them set keeps the logits path even before the numeric check.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+_HEADS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def linear_head(model: Any) -> nn.Linear | None:
+    """The model's output layer when its logits are exactly ``head(last hidden state)``, else None.
+
+    Checked once per model instance on a three-token input, in eval mode (so dropout does not differ),
+    against the model's own logits: a model with logit soft-capping (Gemma 2) or a logit scale
+    (Cohere, Granite) fails it and keeps the logits path."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
+        return None
+    config = getattr(model, "config", None)
+    for key, identity in _LOGIT_TRANSFORMS.items():  # known transforms of the logits after the head
+        if getattr(config, key, None) not in (None, identity):
+            return None
+    known = _HEADS.get(model)
+    if known is None:
+        known = _HEADS[model] = _head_matches_logits(model, head)
+    return head if known else None
+
+
+@torch.no_grad()
+def _head_matches_logits(model: Any, head: nn.Linear) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        # a few ordinary tokens (id 0 is often the padding row: an all-zero embedding proves nothing)
+        ids = torch.arange(1, 4, device=head.weight.device)[None] % head.out_features
+        out = model(input_ids=ids, output_hidden_states=True)
+        logits, states = getattr(out, "logits", None), getattr(out, "hidden_states", None)
+        if logits is None or not states:
+            return False
+        mine, theirs = head(states[-1]).float(), logits.float()
+        # the same linear map on the same states: equal to rounding. Strict and relative, because a
+        # random-init model's logits are small, where a soft cap (tanh) is nearly the identity.
+        scale = float(theirs.abs().max()) or 1.0
+        return bool(torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7 * scale))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher-forced pass
+# --------------------------------------------------------------------------------------------------
+def score_completions(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion: Tensor,
+    comp_mask: Tensor,
+    temperature: float = 1.0,
+    *,
+    entropy: bool = False,
+    hidden: bool = False,
+) -> CompletionScores:
+    """One teacher-forced pass of ``model`` over prompt + completion: ``log pi(y_t)`` of every real
+    completion token (0 after EOS), with gradient; the entropy of each position with ``entropy``; the
+    last hidden state at the positions that predict each completion token with ``hidden``.
+
+    Left padding: positions count real tokens only, as generate() does. The fused head (module
+    docstring) when `linear_head` accepts the model; otherwise the model's own logits, chunked."""
+    from rlx.models.policy import completion_forward, token_logp  # policy.py imports this module
+
+    head = linear_head(model)
+    if head is None:
+        logits, states = completion_forward(model, prompt_ids, prompt_mask, completion, comp_mask, hidden)
+        assert logits is not None
+        logp = token_logp(logits, completion, temperature) * comp_mask
+        ent = None
+        if entropy:
+            from rlx.losses.entropy import token_entropy
+
+            ent = token_entropy(logits, temperature)
+        return CompletionScores(logp, ent, states)
+    _, h = completion_forward(model, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False)
+    assert h is not None
+    real = comp_mask.bool()
+    logp_real, ent_real = linear_logp_entropy(
+        h[real], head.weight, head.bias, completion[real], temperature, with_entropy=entropy
+    )
+    logp = logp_real.new_zeros(real.shape).masked_scatter(real, logp_real)
+    ent = None
+    if ent_real is not None:
+        ent = ent_real.new_zeros(real.shape).masked_scatter(real, ent_real)
+    return CompletionScores(logp, ent, h if hidden else None)
