@@ -150,6 +150,7 @@ def rlx_command(row: str, spec: dict, root: Path, run_dir: Path, threads: int) -
     common = [
         "algo=grpo",
         "kl=none",
+        "algo.entropy_coef=0",  # TRL's GRPO has no entropy bonus (rlx still logs the entropy, as TRL does)
         "logger=none",
         f"trainer.steps={spec['steps']}",
         f"trainer.prompts_per_step={spec['prompts']}",
@@ -349,11 +350,12 @@ def update_flops(row: str) -> float:
     """Forward + backward of the update (6 x params x tokens; the LM head over completion positions)."""
     spec = ROWS[row]
     n = spec["prompts"] * spec["group"]
-    if row == "toy":
+    if row == "toy":  # GPT-2: q, k, v, o and a 4h MLP of two matrices
         h, layers, vocab, p = 64, 2, 14, 6
-    else:
+        body = layers * (4 * h * h + 2 * h * 4 * h)
+    else:  # Qwen2: q and o h x h, k and v h x h/2 (2 of 4 heads), a 4h gated MLP of three matrices
         h, layers, vocab, p = 128, 2, VOCAB, spec["prompt_len"]
-    body = layers * (4 * h * h + 2 * h * (h // 2) + 3 * h * 4 * h)  # attention + MLP (Qwen2: 4h, GQA)
+        body = layers * (2 * h * h + 2 * h * (h // 2) + 3 * h * 4 * h)
     t = spec["new_tokens"]
     return 6.0 * n * (body * (p + t) + vocab * h * (t + 1))
 
