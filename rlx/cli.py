@@ -122,6 +122,14 @@ def _split_args(args: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, skip
 
 
+# Hydra plugins rlx's presets build on (conf/hydra/launcher/, conf/hparams_search/) and their extras.
+PLUGIN_EXTRAS = {
+    "hydra/launcher/submitit_": "submitit",
+    "hydra/launcher/joblib": "joblib",
+    "hydra/sweeper/optuna": "optuna",
+}
+
+
 def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     """Turn a Hydra composition error into one line that names the culprit and the choices."""
     from rlx.settings import renamed_key_message
@@ -143,6 +151,9 @@ def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         hint = f"; keys of {parent or 'the config'}: {', '.join(valid)}" if valid else ""
         return f"unknown key {key!r}{hint}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    for plugin, extra in PLUGIN_EXTRAS.items():  # a preset whose Hydra plugin is not installed
+        if f"Could not find '{plugin}" in text or f"Could not load '{plugin}" in text:
+            return f"{first} (Hydra's plugin is not installed: pip install 'rlx[{extra}]')"
     if "Ambiguous value" in text:  # Hydra's hints (a forgotten -m: "add --multirun"), kept on one line
         import re
 
