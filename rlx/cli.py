@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -273,6 +274,32 @@ def _refuse_added_key(override: str) -> None:
         raise RlxError(f"unknown key {key!r} (rlx would ignore it); keys of {parent}: {', '.join(valid)}")
 
 
+def check_launcher(overrides: list[str]) -> None:
+    """A SLURM launcher (``hydra/launcher=slurm`` or ``submitit_slurm``) where SLURM's ``sbatch`` and
+    ``srun`` are missing: one line naming the local stand-in, before Hydra writes the sweep directory
+    (submitit itself stops with a traceback once the sweep has begun)."""
+    chosen = [o for o in overrides if o.startswith("hydra/launcher=")]
+    if not chosen or (shutil.which("sbatch") and shutil.which("srun")):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=chosen, return_hydra_config=True)
+        target = str(cfg.hydra.launcher.get("_target_", ""))
+    except Exception:  # e.g. the plugin is missing: said in one line with the jobs' plan
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    if target.endswith("SlurmLauncher"):
+        raise RlxError(
+            f"{chosen[-1]} submits the jobs to SLURM, but sbatch/srun are not on this machine's PATH; "
+            "run them here as separate processes with hydra/launcher=slurm_local"
+        )
+
+
 def check_writable(path: Path, what: str) -> None:
     """Hydra creates the job's directory before rlx runs: check the place first, in one line."""
     probe = path.absolute()
@@ -307,6 +334,8 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
         key, _, value = ov.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "$" not in value:
             check_writable(Path(value), key)
+    if multirun:
+        check_launcher(overrides)
     if not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
         check_writable(Path("outputs" if not multirun else "multirun"), "the output directory")
     try:

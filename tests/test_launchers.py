@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,3 +186,18 @@ def test_a_launcher_preset_without_its_plugin_names_the_extra(tmp_path):
     line = _explain_hydra_error(exc.value, overrides)
     assert "Could not load 'hydra/launcher/submitit_cloud'" in line
     assert line.endswith("(Hydra's plugin is not installed: pip install 'rlx[submitit]')")
+
+
+@pytest.mark.parametrize("preset", ["slurm", "submitit_slurm"])
+def test_a_slurm_sweep_without_slurm_stops_in_one_line_before_any_file(tmp_path, preset):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    if shutil.which("sbatch") and shutil.which("srun"):
+        pytest.skip("this machine has SLURM: the sweep would be submitted")
+    res = run_rlx("train", "-m", f"hydra/launcher={preset}", "trainer.seed=0,1", "hydra.sweep.dir=sweep",
+                  cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"rlx: error: hydra/launcher={preset} submits the jobs to SLURM, but sbatch/srun are not on this "
+        "machine's PATH; run them here as separate processes with hydra/launcher=slurm_local"
+    )
+    assert not (tmp_path / "sweep").exists()
