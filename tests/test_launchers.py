@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -201,3 +203,48 @@ def test_a_slurm_sweep_without_slurm_stops_in_one_line_before_any_file(tmp_path,
         "machine's PATH; run them here as separate processes with hydra/launcher=slurm_local"
     )
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
+    """Preemption as submitit handles it on SLURM (USR2 to the job: checkpoint the launcher's call,
+    requeue), with submitit's local executor, which requeues by restarting the job: the same Hydra job
+    starts again in its run directory and rlx's trainer.resume=auto continues from the newest checkpoint.
+    One MLflow run, every step logged once."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import psutil
+
+    from tests.conftest import RLX, TINY_GPT
+
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [RLX, "train", "-m", "hydra/launcher=slurm_local", "trainer.seed=0", *TINY_GPT,
+         "trainer.prompts_per_step=4", "trainer.group_size=4", "trainer.steps=200", "trainer.eval_every=0",
+         "trainer.save_every=5", "task.eval_size=16", f"logger.store_dir={store}", "logger.experiment=rq",
+         "hydra.sweep.dir=sweep"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    checkpoints = tmp_path / "sweep" / "0" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step_*"))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    tasks = [
+        p for p in psutil.Process(proc.pid).children(recursive=True)
+        if "submitit.core._submit" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    assert len(tasks) == 1
+    tasks[0].send_signal(signal.SIGUSR2)  # submitit's preemption / timeout signal
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    (log,) = (tmp_path / "sweep" / ".submitit").glob("*/*_0_log.err")
+    text = log.read_text()
+    assert "this job is preempted" in text and "Requeued job" in text
+    assert f"resumedfrom{checkpoints}/step_" in "".join(text.split())  # rich wraps the long path
+    rows = [json.loads(x) for x in (tmp_path / "sweep" / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == list(range(1, 201))
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rq").experiment_id])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED"
+    assert len(client.get_metric_history(child.info.run_id, "reward/mean")) == 200
