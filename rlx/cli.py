@@ -334,8 +334,7 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
         key, _, value = ov.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "$" not in value:
             check_writable(Path(value), key)
-    if multirun:
-        check_launcher(overrides)
+    check_launcher(overrides)  # with -m, or a search preset's hydra.mode=MULTIRUN
     if not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
         check_writable(Path("outputs" if not multirun else "multirun"), "the output directory")
     try:
