@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.rlx-installed
 
-.PHONY: install run test test-fast lint format quality bench rlhf-sort clean
+.PHONY: install run test test-fast lint format quality bench rlhf-sort clean screenshots
 
 install: $(STAMP)
 
@@ -90,3 +90,9 @@ rlhf-sort: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# docs/mlflow_*.png: real runs into a real `mlflow server`, photographed by headless chromium
+# (Debian: apt-get install chromium; the script's driver: pip install 'rlx[screenshots]'). Minutes.
+screenshots: install
+	$(BIN)/python -m pip install --quiet -e ".[screenshots]"
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/screenshots.py --out docs $(ARGS)

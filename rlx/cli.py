@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -122,6 +123,14 @@ def _split_args(args: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, skip
 
 
+# Hydra plugins rlx's presets build on (conf/hydra/launcher/, conf/hparams_search/) and their extras.
+PLUGIN_EXTRAS = {
+    "hydra/launcher/submitit_": "submitit",
+    "hydra/launcher/joblib": "joblib",
+    "hydra/sweeper/optuna": "optuna",
+}
+
+
 def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
     """Turn a Hydra composition error into one line that names the culprit and the choices."""
     from rlx.settings import renamed_key_message
@@ -143,6 +152,9 @@ def _explain_hydra_error(exc: Exception, overrides: list[str]) -> str:
         hint = f"; keys of {parent or 'the config'}: {', '.join(valid)}" if valid else ""
         return f"unknown key {key!r}{hint}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    for plugin, extra in PLUGIN_EXTRAS.items():  # a preset whose Hydra plugin is not installed
+        if f"Could not find '{plugin}" in text or f"Could not load '{plugin}" in text:
+            return f"{first} (Hydra's plugin is not installed: pip install 'rlx[{extra}]')"
     if "Ambiguous value" in text:  # Hydra's hints (a forgotten -m: "add --multirun"), kept on one line
         import re
 
@@ -262,6 +274,32 @@ def _refuse_added_key(override: str) -> None:
         raise RlxError(f"unknown key {key!r} (rlx would ignore it); keys of {parent}: {', '.join(valid)}")
 
 
+def check_launcher(overrides: list[str]) -> None:
+    """A SLURM launcher (``hydra/launcher=slurm`` or ``submitit_slurm``) where SLURM's ``sbatch`` and
+    ``srun`` are missing: one line naming the local stand-in, before Hydra writes the sweep directory
+    (submitit itself stops with a traceback once the sweep has begun)."""
+    chosen = [o for o in overrides if o.startswith("hydra/launcher=")]
+    if not chosen or (shutil.which("sbatch") and shutil.which("srun")):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=chosen, return_hydra_config=True)
+        target = str(cfg.hydra.launcher.get("_target_", ""))
+    except Exception:  # e.g. the plugin is missing: said in one line with the jobs' plan
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    if target.endswith("SlurmLauncher"):
+        raise RlxError(
+            f"{chosen[-1]} submits the jobs to SLURM, but sbatch/srun are not on this machine's PATH; "
+            "run them here as separate processes with hydra/launcher=slurm_local"
+        )
+
+
 def check_writable(path: Path, what: str) -> None:
     """Hydra creates the job's directory before rlx runs: check the place first, in one line."""
     probe = path.absolute()
@@ -296,6 +334,7 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
         key, _, value = ov.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and "$" not in value:
             check_writable(Path(value), key)
+    check_launcher(overrides)  # with -m, or a search preset's hydra.mode=MULTIRUN
     if not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
         check_writable(Path("outputs" if not multirun else "multirun"), "the output directory")
     try:

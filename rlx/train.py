@@ -98,7 +98,7 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
 # h12: trainer.threads ---------------------------------------------------------------------------
 def _parallel_launcher() -> bool:
     """True under torchrun with several local ranks, or inside a Hydra sweep whose launcher runs jobs
-    side by side (joblib, ray, ...): every job should then take one thread."""
+    side by side (joblib, submitit's local executor, ray, ...): every job should then take one thread."""
     if int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
         return True
     try:
@@ -107,7 +107,8 @@ def _parallel_launcher() -> bool:
         target = str(HydraConfig.get().launcher.get("_target_", ""))
     except (ValueError, ImportError):
         return False
-    return not target.endswith("BasicLauncher") and target != ""
+    # h13b: a SLURM job (hydra/launcher=slurm) runs on its own allocation, not beside its sweep's others
+    return not target.endswith(("BasicLauncher", "SlurmLauncher")) and target != ""
 
 
 def resolve_threads(setting: int | str) -> int | None:

@@ -54,10 +54,11 @@ def test_a_four_job_sweep_is_one_parent_run_with_four_children(tmp_path):
 
 
 def test_joblib_launcher_jobs_find_their_parent_through_the_sweep_directory(tmp_path):
+    """rlx's joblib preset (conf/hydra/launcher/parallel.yaml): jobs in loky worker processes."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     store = tmp_path / "store"
     res = run_rlx(
-        "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.seed=0,1", *TINY,
+        "train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "trainer.seed=0,1", *TINY,
         "trainer.steps=1", f"logger.store_dir={store}", "logger.experiment=joblib",
         "hydra.sweep.dir=sweep", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -67,6 +68,7 @@ def test_joblib_launcher_jobs_find_their_parent_through_the_sweep_directory(tmp_
     assert sorted(c.info.run_name for c in children) == ["grpo-sort-s0", "grpo-sort-s1"]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert parents[0].info.status == "FINISHED"
+    assert {c.data.params["runtime.threads"] for c in children} == {"1"}  # one thread per job side by side
 
 
 def test_a_failing_sweep_ends_its_parent_run_failed(tmp_path):
