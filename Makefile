@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.rlx-installed
 
-.PHONY: install run test test-fast lint format quality bench rlhf-sort clean screenshots
+.PHONY: install run test test-fast lint format quality bench rlhf-sort clean screenshots test-browser
 
 install: $(STAMP)
 
@@ -93,6 +93,11 @@ clean:
 
 # docs/mlflow_*.png: real runs into a real `mlflow server`, photographed by headless chromium
 # (Debian: apt-get install chromium; the script's driver: pip install 'rlx[screenshots]'). Minutes.
+# The MLflow UI in a real browser (tests marked `browser`; not in `make test`: CI has no browser).
+test-browser: install
+	$(BIN)/python -m pip install --quiet -e ".[screenshots]"
+	$(BIN)/python -m pytest -q -m browser tests/test_mlflow_ui.py $(ARGS)
+
 screenshots: install
 	$(BIN)/python -m pip install --quiet -e ".[screenshots]"
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/screenshots.py --out docs $(ARGS)

@@ -105,12 +105,10 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("playwright") is None or _chromium() is None,
-    reason="needs Playwright (pip install playwright) and Debian's chromium (apt-get install chromium)",
-)
+@pytest.mark.browser  # not in `make test` (CI has no browser): `make test-browser`
 def test_the_runs_list_in_a_browser_nests_the_jobs_under_the_sweep(server_with_a_sweep):
     """The UI's runs list: the parent shows, its jobs hidden until it is expanded, then both shown."""
+    assert _chromium(), "needs Debian's chromium (apt-get install chromium)"
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
