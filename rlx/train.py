@@ -357,7 +357,9 @@ def _build_locked(
             truncate_jsonl(run_dir / name, int(state["step"]))
         keep_first_row_at(run_dir / "metrics.jsonl", int(state["step"]))  # a final evaluation comes again
     sweep = read_sweep(sweep_dir) if sweep_dir is not None else {}
-    tags = run_tags(c, run_dir=run_dir, overrides=overrides, launch_dir=launch_dir)
+    # the tags go to MLflow only; resolving them imports mlflow (3 s), so not for logger=none
+    tracked = (c.get("logger") or {}).get("name") != "none"
+    tags = run_tags(c, run_dir=run_dir, overrides=overrides, launch_dir=launch_dir) if tracked else {}
     log.debug(f"torch threads: {_torch_threads()} (trainer.threads={p.trainer.threads})")
     # The tracker (and so the MLflow run) is made before the training seed is set, and rlx names the
     # run itself: MLflow draws its random run names from Python's `random`.
