@@ -408,14 +408,6 @@ def _build_locked(
     if start.finished is not None:
         raise RunFinished(start)
     run_dir, checkpoint, state = start.run_dir, start.checkpoint, start.state
-    _, world_size = distributed.world()
-    saved_world = int(state.get("world_size", 1)) if state is not None else world_size
-    if saved_world != world_size:  # h11: the data order, batch split and RNG streams depend on it
-        raise RlxError(
-            f"checkpoint {checkpoint} was written by {saved_world} rank(s), this run has {world_size}; "
-            f"resume with {saved_world} process(es) (torchrun --nproc_per_node ...), or start a new run "
-            "from its weights with model.init_from=<checkpoint>"
-        )
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(c))  # the composed config, interpolations resolved
     if rank == 0:
         _prepare_run_dir(run_dir, config_yaml)
@@ -500,6 +492,7 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
         status = "FINISHED"
     except NonFiniteError as exc:
         path = _save_for_inspection(session)
+        distributed.barrier()  # h11: every rank raised it (agreed); the others wait for rank 0's write
         raise NonFiniteError(f"{exc}; stopped; the state it reached is in {path}") from exc
     except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
         status = "KILLED"

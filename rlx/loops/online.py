@@ -317,7 +317,12 @@ class OnlineTrainer:
     def iteration(self) -> dict[str, float]:
         t0 = time.perf_counter()
         self.maybe_refresh_reference()
-        batch = self.collect()
+        return self.learn(self.collect(), t0)
+
+    def learn(self, batch: Batch, t0: float | None = None) -> dict[str, float]:
+        """Every stage after `collect` on ``batch`` (this rank's rows of the global batch): reference,
+        critic values, shaping, advantages, the update, the KL controller; the iteration's metrics."""
+        t0 = time.perf_counter() if t0 is None else t0
         self.reference(batch)
         if batch.ref_kl is not None and self.world_size > 1:  # h11: kl/ref of the global batch
             kl = distributed.all_reduce_dict(

@@ -1,0 +1,279 @@
+"""Data parallelism under torchrun (trainer.parallel=ddp): real processes, gloo, 2 ranks, one thread each.
+
+- The same math at any world size: one fixed global batch split over 2 ranks gives, after the update
+  functions of every aggregation, advantage estimator, PPO (both critics), TRPO, SFT and DPO, the
+  parameters one process gives on the whole batch (tests/distributed_worker.py runs both).
+- `torchrun ... -m rlx.cli train` for grpo and dpo: one run directory, one set of checkpoints,
+  metrics.jsonl once; SIGKILL after a checkpoint and the same command again reproduce the
+  uninterrupted run's metrics.jsonl.
+- Resuming a 2-rank checkpoint with another world size is refused in one line.
+- A non-finite loss on one rank only: every rank stops the same way, quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlx.data.sort import write_sort_data
+from tests.conftest import REPO, TINY_GPT
+
+WORKER = REPO / "tests" / "distributed_worker.py"
+sys.path.insert(0, str(REPO))
+from tests.distributed_worker import VARIANTS  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+VOLATILE = ("time", "throughput")  # wall-clock figures differ between any two runs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    write_sort_data(out, train=48, heldout=16, task_eval_size=16, candidates=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def updates(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, Path]:
+    """Every variant's parameters after the update: one process, and 2 ranks under torchrun (at once)."""
+    out = tmp_path_factory.mktemp("updates")
+    one = subprocess.Popen(
+        [sys.executable, str(WORKER), str(out / "one"), str(data)],
+        cwd=out,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    two = subprocess.run(
+        [*TORCHRUN, str(WORKER), str(out / "two"), str(data)],
+        cwd=out,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, log[-3000:]
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    return out / "one", out / "two"
+
+
+# the metrics that are exact functions of the global batch (ratio metrics such as clip_frac are means
+# of micro-batch means weighted by rows, and move with how rows fall into micro-batches, in one
+# process too)
+EXACT = (
+    "reward/mean",
+    "reward/std",
+    "frac_reward_zero_std",
+    "adv/mean",
+    "kl/ref",
+    "loss/total",
+    "loss/policy",
+    "loss/value",
+    "loss/kl",
+    "grad_norm",
+    "value/mean",
+    "trpo/kl",
+    "rewards/accuracy",
+    "loss/sft",
+)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_ranks_give_the_one_process_update(updates: tuple[Path, Path], variant: str) -> None:
+    one, two = (torch.load(d / f"{variant}.pt", weights_only=False) for d in updates)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    if "lengths" in one:  # completions of unequal lengths, so token and sequence means differ
+        assert len(set(one["lengths"])) > 1
+    assert one["params"].shape == two["params"].shape
+    # TRPO's conjugate gradient amplifies the float32 rounding of the Fisher-vector sums (another
+    # summation order over ranks): measured 2.3e-6 here against 3.0e-7 between two micro-batch sizes in
+    # one process; every SGD update agrees to 1e-8
+    tol = 1e-5 if variant == "trpo" else 1e-6
+    assert (one["params"] - two["params"]).abs().max().item() < tol
+    for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
+        for key in EXACT:
+            if key in m1:
+                assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    if "kl_coef" in one:
+        assert two["kl_coef"] == pytest.approx(one["kl_coef"], rel=1e-9)
+
+
+def test_the_updates_moved_the_parameters(updates: tuple[Path, Path], data: Path) -> None:
+    """The equality above is not that of two untouched models: the update moved every variant."""
+    from rlx.train import build
+    from tests.distributed_worker import compose_cfg
+
+    session = build(compose_cfg(VARIANTS["adv_group_std"]), run_dir=updates[0].parent / "fresh")
+    start = torch.cat([p.detach().reshape(-1) for p in session.trainer.policy.parameters()])
+    session.tracker.close("FINISHED")
+    session.release()
+    after = torch.load(updates[0] / "adv_group_std.pt", weights_only=False)["params"]
+    assert (after[: start.numel()] - start).abs().max().item() > 1e-3
+
+
+# -- whole runs under torchrun ---------------------------------------------------------------------
+RUN = [
+    *TINY_GPT,
+    "trainer.prompts_per_step=4",
+    "trainer.group_size=4",
+    "trainer.steps=6",
+    "trainer.eval_every=0",
+    "trainer.samples_every=1",
+    "trainer.save_every=2",
+    "task.eval_size=16",
+    "trainer.device=cpu",
+    "logger=none",
+]
+
+
+def args_for(algo: str, data: Path) -> list[str]:
+    if algo == "dpo":
+        return [*RUN, "algo=dpo", "algo.batch_size=8", f"data.train={data / 'pairs_train.jsonl'}"]
+    return [*RUN, f"algo={algo}"]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (from /proc: Linux)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        here = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == here]
+        out += kids
+        todo += kids
+    return out
+
+
+class Launch:
+    """``torchrun --nproc_per_node=2 -m rlx.cli train ARGS`` in ``cwd``, its output in files (a pipe
+    nobody reads could fill up and stall the run)."""
+
+    count = 0
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        Launch.count += 1
+        self.log = cwd / f"torchrun-{Launch.count}.log"
+        with self.log.open("w") as f:
+            self.proc = subprocess.Popen(
+                [*TORCHRUN, "-m", "rlx.cli", "train", *args],
+                cwd=cwd,
+                env=ENV,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill_all(self) -> None:
+        """SIGKILL to torchrun and both ranks at once (torchrun starts each worker in a session of its
+        own, so the agent's process group does not reach them)."""
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def finish(self, timeout: float = 240) -> tuple[int, str]:
+        return self.proc.wait(timeout=timeout), self.output()
+
+
+launch = Launch
+
+
+def metrics(run_dir: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
+    tmp_path: Path, data: Path, algo: str
+) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    reference = launch(whole, *args_for(algo, data))  # Hydra's default run dir: ${now:...} per process
+    proc = launch(cut, *args_for(algo, data), "hydra.run.dir=run")
+    run = cut / "run"
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_000002" / "trainer_state.pt").is_file():
+        assert proc.poll() is None, proc.output()[-3000:]
+        assert time.time() < deadline, "no checkpoint"
+        time.sleep(0.02)
+    proc.kill_all()
+    assert not (run / "final").exists()  # it really was cut short
+    rows = (run / "metrics.jsonl").read_text()
+    if algo == "grpo":  # resumed by a plain process: refused in one line before anything is written
+        res = subprocess.run(
+            [sys.executable, "-m", "rlx.cli", "train", *args_for(algo, data), "hydra.run.dir=run"],
+            cwd=cut,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert "written by 2 rank(s), this run has 1" in res.stderr
+        assert (run / "metrics.jsonl").read_text() == rows
+    code, err = reference.finish()
+    assert code == 0, err[-3000:]
+    dirs = [p for p in (whole / "outputs").glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs  # one run directory for both ranks
+    ref_dir = dirs[0]
+    assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+    state = torch.load(ref_dir / "checkpoints" / "step_000006" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+    reference_rows = metrics(ref_dir)
+    steps = [r["step"] for r in reference_rows]
+    assert steps[: 6 + (algo == "dpo")] == ([0] if algo == "dpo" else []) + list(range(1, 7))  # written once
+    code, err = launch(cut, *args_for(algo, data), "hydra.run.dir=run").finish()
+    assert code == 0, err[-3000:]
+    assert "resumed from" in err
+    assert metrics(run) == reference_rows
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_alike(tmp_path: Path) -> None:
+    """Rank 1's rewards overflow its loss; rank 0's are finite. Both ranks agree and stop with the same
+    one-line error (exit 2), well within 60 s, and torchrun reports the failure."""
+    started = time.time()
+    proc = launch(
+        tmp_path,
+        *RUN,
+        "adv_norm=none",
+        "reward=custom",
+        "reward.fn=tests.rewards_for_tests:huge_on_rank_1",
+        "hydra.run.dir=run",
+    )
+    code, err = proc.finish(timeout=120)
+    elapsed = time.time() - started
+    assert code != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("rlx: error: non-finite")]
+    assert len(lines) == 2, err[-3000:]  # both ranks, the same decision
+    assert "on another rank" in "".join(lines) and "at iteration 1" in lines[0]
+    assert "exitcode  : 2" in err and "SIGTERM" not in err  # neither rank had to be killed
+    assert elapsed < 60
+    assert (tmp_path / "run" / "checkpoints" / "nonfinite_step_000000").is_dir()
