@@ -62,6 +62,13 @@ def _hydra_main() -> Any:
             fail(str(exc), code=128 + exc.signum, prefix="")
         except KeyboardInterrupt:  # a second Ctrl-C: out at once
             fail("interrupted", code=130, prefix="")
+        except RuntimeError as exc:  # h11: a collective whose peer died (its own error is in its log)
+            from rlx.distributed import peer_failure
+
+            reason = peer_failure(exc)
+            if reason is None:
+                raise
+            fail(reason, code=1)
         # The objective a search sweeper (Optuna) optimises: hparams_search.objective, a final metric.
         value = objective_value(cfg, summary)
         if value is None and _searching():

@@ -124,6 +124,17 @@ def setup(parallel: str, device: torch.device) -> torch.device:
     return device
 
 
+def peer_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank ended (it printed its own error),
+    else None. gloo says "Connection closed by peer"; torch raises DistError for the rest."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if isinstance(exc, dist.DistError) or "closed by peer" in text or "Connection reset" in text:
+        return f"rank {dist.get_rank()}: another rank ended, so this one stops too ({text[:160]})"
+    return None
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -277,3 +277,55 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_alike(tmp_path: Path) -> 
     assert "exitcode  : 2" in err and "SIGTERM" not in err  # neither rank had to be killed
     assert elapsed < 60
     assert (tmp_path / "run" / "checkpoints" / "nonfinite_step_000000").is_dir()
+
+
+def test_an_exception_on_one_rank_ends_every_rank(tmp_path: Path) -> None:
+    """A reward that raises on rank 1 only: rank 1 says why, rank 0's next collective fails at once and
+    it says that another rank ended; both are gone well within 60 s."""
+    started = time.time()
+    proc = launch(
+        tmp_path,
+        *RUN,
+        "reward=custom",
+        "reward.fn=tests.rewards_for_tests:raises_on_rank_1",
+        "hydra.run.dir=run",
+    )
+    code, err = proc.finish(timeout=120)
+    assert code != 0
+    assert time.time() - started < 60
+    assert "rlx: error: reward 'tests.rewards_for_tests:raises_on_rank_1' raised ValueError" in err
+    assert "rlx: error: rank 0: another rank ended, so this one stops too" in err, err[-3000:]
+
+
+def rank_pid(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (its environment says RANK=rank)."""
+    for pid in descendants(agent):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no rank {rank} under {agent}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 only: the ranks agree at the end of the step, rank 0 writes the checkpoint,
+    and both exit 143 with the same line, well within 60 s; the checkpoint is complete."""
+    proc = launch(tmp_path, *RUN, "trainer.steps=500", "trainer.save_every=0", "hydra.run.dir=run")
+    rows = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (rows.is_file() and len(rows.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.output()[-3000:]
+        time.sleep(0.05)
+    started = time.time()
+    os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
+    code, err = proc.finish(timeout=120)
+    assert time.time() - started < 60 and code != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("rlx: stopped by SIGTERM")]
+    assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]  # the same step, the same checkpoint
+    assert err.count("exitcode  : 143") == 2, err[-3000:]
+    checkpoint = Path(lines[0].split("checkpoint ")[1].split(";")[0])
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == int(checkpoint.name.split("_")[1])
+    assert len(rows.read_text().splitlines()) == state["step"]

@@ -267,4 +267,7 @@ class LoopContext:
         signum = int(all_reduce_max(float(self.stop_signal() or 0))) or None
         if signum is not None:
             saved = saved or self.save_checkpoint(trainer)
+            from rlx.distributed import barrier
+
+            barrier()  # h11: no rank leaves (and has torchrun stop the others) before rank 0 has written
             raise StopRequested(signum, trainer.step, str(saved))
