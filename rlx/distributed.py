@@ -79,9 +79,9 @@ def resolve_parallel(setting: str) -> str:
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the environment; (0, 1, 0) in a plain process."""
     return (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("RANK") or 0),
+        int(os.environ.get("WORLD_SIZE") or 1),
+        int(os.environ.get("LOCAL_RANK") or 0),
     )
 
 

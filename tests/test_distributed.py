@@ -329,3 +329,66 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == int(checkpoint.name.split("_")[1])
     assert len(rows.read_text().splitlines()) == state["step"]
+
+
+# -- bad input: one line before anything runs -------------------------------------------------------
+TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (
+            ["trainer.parallel=ddp"],
+            None,
+            r"trainer.parallel=ddp needs torchrun's environment \(RANK, WORLD_SIZE",
+        ),
+        (
+            ["trainer.parallel=fsdp2"],
+            None,
+            r"trainer.parallel=fsdp2 is not built yet in rlx; use trainer.parallel=ddp",
+        ),
+        (["trainer.parallel=zero3"], None, r"trainer.parallel='zero3' is not one of auto, none, ddp, fsdp2"),
+        ([], "3", r"trainer.prompts_per_step=4 is not divisible by the world size 3"),
+        (["trainer.parallel=none"], "2", r"trainer.parallel=none under torchrun with WORLD_SIZE=2"),
+        (["trainer.device=cuda"], "2", r"trainer.device=cuda but no CUDA device is available"),
+    ],
+)
+def test_bad_parallel_settings_are_refused_at_plan_time(monkeypatch, overrides, world, message) -> None:
+    from rlx.errors import RlxError
+    from rlx.train import plan
+    from tests.conftest import TINY, compose_cfg
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    if world is not None:  # the variables torchrun sets for its workers
+        for key, value in {**TORCHRUN_ENV, "WORLD_SIZE": world}.items():
+            monkeypatch.setenv(key, value)
+    if torch.cuda.is_available() and "trainer.device=cuda" in overrides:
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RlxError, match=message):
+        plan(compose_cfg([*TINY, "logger=none", *overrides]))
+
+
+def test_an_offline_batch_the_ranks_cannot_split_is_refused(monkeypatch, data: Path) -> None:
+    from rlx.errors import RlxError
+    from rlx.train import plan
+    from tests.conftest import TINY_GPT, compose_cfg
+
+    for key, value in {**TORCHRUN_ENV, "WORLD_SIZE": "3"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_cfg(
+        [*TINY_GPT, "algo=dpo", "algo.batch_size=8", f"data.train={data / 'pairs_train.jsonl'}"]
+    )
+    with pytest.raises(RlxError, match=r"algo.batch_size=8 is not divisible by the world size 3"):
+        plan(cfg)
+
+
+def test_ddp_without_torchrun_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    from tests.conftest import TINY, run_rlx
+
+    env = {k: "" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    res = run_rlx("train", *TINY, "trainer.parallel=ddp", cwd=tmp_path, env=env)
+    assert res.returncode == 2
+    assert res.stderr.startswith("rlx: error: trainer.parallel=ddp needs torchrun's environment")
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "outputs").exists()
