@@ -42,6 +42,7 @@ from rlx.tracking import flatten
 MAY_DIFFER = (
     "trainer.resume",
     "trainer.device",
+    "trainer.parallel",  # h11: auto and ddp are the same under torchrun; the world size is checked
     "trainer.eval_every",
     "trainer.save_every",
     "trainer.keep_checkpoints",
