@@ -63,6 +63,13 @@ def _hydra_main() -> Any:
             fail(str(exc), code=128 + exc.signum, prefix="")
         except KeyboardInterrupt:  # a second Ctrl-C: out at once
             fail("interrupted", code=130, prefix="")
+        except RuntimeError as exc:  # h11: a collective whose peer died (its own error is in its log)
+            from rlx.distributed import peer_failure
+
+            reason = peer_failure(exc)
+            if reason is None:
+                raise
+            fail(reason, code=1)
         # The objective a search sweeper (Optuna) optimises: hparams_search.objective, a final metric.
         value = objective_value(cfg, summary)
         if value is None and _searching():
@@ -387,8 +394,63 @@ def cmd_train(args: list[str]) -> None:
     if any(a in ("-sc", "--shell-completion") for a in args):
         shell_completion(args)
         return
+    if not multirun and not skip:
+        try:
+            args = [*args, *_torchrun_overrides(overrides)]
+        except RlxError as exc:
+            fail(str(exc))
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
-    _hydra_main()()
+    try:
+        _hydra_main()()
+    finally:
+        from rlx.distributed import shutdown
+
+        shutdown()
+
+
+def _torchrun_overrides(overrides: list[str]) -> list[str]:
+    """h11: under torchrun (trainer.parallel=ddp), join the process group before Hydra starts and give
+    every rank rank 0's run directory (Hydra resolves ``${now:}`` in each process, a second apart at
+    times); ranks other than 0 write no ``.hydra/`` and log to ``train_rank<r>.log``."""
+    from rlx import distributed
+
+    if not distributed.under_torchrun():
+        return []
+    from rlx.train import plan
+
+    cfg = _compose(overrides)
+    p = plan(cfg)
+    if distributed.resolve_parallel(p.trainer.parallel) != "ddp":
+        return []
+    distributed.setup(p.trainer.parallel, p.device)
+    rank, _ = distributed.world()
+    run_dir = next((o.partition("=")[2] for o in overrides if o.startswith("hydra.run.dir=")), None)
+    extra: list[str] = []
+    if run_dir is None:
+        run_dir = distributed.broadcast_object(_hydra_run_dir(overrides) if rank == 0 else None)
+        extra.append(f"hydra.run.dir={run_dir}")
+    if rank != 0:
+        extra += [
+            "hydra.output_subdir=null",
+            f"hydra.job_logging.handlers.file.filename={run_dir}/train_rank{rank}.log",
+        ]
+    return extra
+
+
+def _hydra_run_dir(overrides: list[str]) -> str:
+    """``hydra.run.dir`` as Hydra resolves it for this job now (its ``${now:...}`` included)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            return str(cfg.hydra.run.dir)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def shell_completion(args: list[str]) -> None:

@@ -34,6 +34,7 @@ from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from rlx.checkpoint import CONFIG_NAME, check_safetensors, list_checkpoints, load_trainer_state
+from rlx.distributed import env_world
 from rlx.errors import RlxError
 from rlx.tracking import flatten
 
@@ -41,6 +42,7 @@ from rlx.tracking import flatten
 MAY_DIFFER = (
     "trainer.resume",
     "trainer.device",
+    "trainer.parallel",  # h11: auto and ddp are the same under torchrun; the world size is checked
     "trainer.eval_every",
     "trainer.save_every",
     "trainer.keep_checkpoints",
@@ -136,6 +138,13 @@ def load_for_resume(checkpoint: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             f"checkpoint {checkpoint} is from a different config: {'; '.join(diffs[:3])}{more}; "
             f"start the new run in a new directory (hydra.run.dir={new_dir_for(run_dir_of(checkpoint))}) "
             "or resume with the same settings"
+        )
+    saved_world, (_, world_size, _) = int(state.get("world_size", 1)), env_world()
+    if saved_world != world_size:  # h11: the batch split and every rank's RNG stream depend on it
+        raise RlxError(
+            f"checkpoint {checkpoint} was written by {saved_world} rank(s), this run has {world_size}; "
+            f"resume with {saved_world} process(es) (torchrun --nproc_per_node={saved_world}), or start a "
+            "new run from its weights with model.init_from=<checkpoint> in a new hydra.run.dir"
         )
     check_safetensors(checkpoint)  # a truncated model file is found before anything is written
     return state

@@ -22,7 +22,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlx.checkpoint import TRAINER_STATE, load_model_weights, save_checkpoint, save_model_dir, set_rng_state
+from rlx import distributed
+from rlx.checkpoint import (
+    TRAINER_STATE,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    save_model_dir,
+    set_rng_state,
+)
 from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.loops import (
     LOOPS,
@@ -90,9 +98,22 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
     entry = LOOPS.get(loop)
     p = Plan(c, task, trainer, rollout, evaluation, entry.name, None, device)
     p.settings = entry.meta["plan"](p)
+    _check_world(p)
     if "reward" in c and (loop != "offline" or getattr(task, "has_ground_truth", True)):  # h15
         check_reward_columns(c["reward"], task)  # the reward's columns exist in the task's data
     return p
+
+
+def _check_world(p: Plan) -> None:
+    """h11: under torchrun (trainer.parallel=ddp) the ranks split each global batch evenly: whole
+    prompt groups online, rows of algo.batch_size offline."""
+    if distributed.resolve_parallel(p.trainer.parallel) != "ddp":
+        return
+    _, world_size, _ = distributed.env_world()
+    if p.loop == "offline":
+        distributed.check_divides(world_size, int(p.settings.algo.batch_size), "algo.batch_size")
+    else:
+        distributed.check_divides(world_size, p.trainer.prompts_per_step, "trainer.prompts_per_step")
 
 
 # h12: trainer.threads ---------------------------------------------------------------------------
@@ -170,10 +191,19 @@ def _build_policy(p: Plan) -> Policy:
         policy = build_model(p.cfg["model"], p.task)
         policy.model.to(p.device)
         policy.model.eval()  # no dropout in RL; gradients still flow
+        distributed.broadcast_module(policy.model)  # h11: rank 0's initial weights on every rank
     return policy
 
 
-def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: Trainer) -> Path:
+def _save(
+    p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: Trainer, gather: bool = True
+) -> Path:
+    """Every rank calls this; rank 0 writes the checkpoint with every rank's RNG state (h11:
+    ``rng_ranks``, gathered when ``gather``), the other ranks write nothing."""
+    rank, world_size = distributed.world()
+    rngs = distributed.gather_objects(rng_state()) if gather else None
+    if rank != 0:
+        return run_dir / "checkpoints" / f"step_{trainer.step:06d}"
     return save_checkpoint(
         run_dir / "checkpoints",
         trainer.step,
@@ -184,6 +214,8 @@ def _save(p: Plan, run_dir: Path, config_yaml: str, tracker: Tracker, trainer: T
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
             "loop": trainer.state_dict(),
             "mlflow_run_id": tracker.run_id,
+            "world_size": world_size,
+            "rng_ranks": rngs,
         },
         keep=int(p.cfg["trainer"]["keep_checkpoints"]),
     )
@@ -258,10 +290,16 @@ class Session:
     def save(self) -> Path:
         return _save(self.plan, self.run_dir, self.config_yaml, self.tracker, self.trainer)
 
-    def checkpoint_now(self) -> Path:
-        """The checkpoint of the current step: the one on disk, or a new one."""
+    def checkpoint_now(self, gather: bool = True) -> Path:
+        """The checkpoint of the current step: the one on disk, or a new one (every rank calls it
+        with ``gather``; rank 0 decides whether it exists)."""
         path = self.run_dir / "checkpoints" / f"step_{self.trainer.step:06d}"
-        return path if (path / TRAINER_STATE).is_file() else self.save()
+        exists = (path / TRAINER_STATE).is_file()
+        if gather:
+            exists = distributed.broadcast_object(exists)
+        if exists:
+            return path
+        return _save(self.plan, self.run_dir, self.config_yaml, self.tracker, self.trainer, gather=gather)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -293,7 +331,9 @@ def _restore(trainer: Trainer, checkpoint: Path, state: dict[str, Any]) -> None:
         trainer.load_state_dict(state["loop"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise RlxError(f"checkpoint {checkpoint} does not fit this run's trainer ({exc})") from exc
-    set_rng_state(state["rng"])
+    rank, _ = distributed.world()
+    rngs = state.get("rng_ranks")  # h11: each rank's own RNG state (None: written after the last step)
+    set_rng_state(rngs[rank] if rngs and rngs[rank] is not None else state["rng"])
 
 
 def check_start(cfg: DictConfig | dict[str, Any], run_dir: Path) -> RunStart:
@@ -301,7 +341,8 @@ def check_start(cfg: DictConfig | dict[str, Any], run_dir: Path) -> RunStart:
     process holds it. The CLI runs it before Hydra writes anything into the directory."""
     p = plan(cfg)
     target = target_run_dir(p.cfg["trainer"].get("resume"), run_dir)
-    probe_lock(target)
+    if dist_rank()[0] == 0:  # h11: under torchrun rank 0 alone holds the lock; the others may see it held
+        probe_lock(target)
     return start_run(p.cfg, target)
 
 
@@ -321,11 +362,14 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
     nothing to do: `RunFinished`), then build the tracker and the loop."""
     p = plan(cfg)
     apply_threads(p.trainer.threads)  # h12: before any model is built
+    p.device = distributed.setup(p.trainer.parallel, p.device)  # h11: the process group, this rank's device
     c = p.cfg
     t = c["trainer"]
     rank, _ = dist_rank()
     default_dir, launch_dir, overrides, sweep_dir = _hydra_job()
-    run_dir = target_run_dir(t.get("resume"), Path(run_dir or default_dir))
+    # h11: rank 0's run directory for every rank (Hydra resolves ${now:} in each process)
+    run_dir = Path(distributed.broadcast_object(str(run_dir or default_dir)))
+    run_dir = target_run_dir(t.get("resume"), run_dir)
     lock = lock_run_dir(run_dir) if rank == 0 else None
     try:
         return _build_locked(p, run_dir, launch_dir, overrides, sweep_dir, lock)
@@ -333,6 +377,20 @@ def build(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> Sess
         if lock is not None:
             lock.release()
         raise
+
+
+def _check_same_start(start: RunStart) -> None:
+    """h11: every rank read the run directory before any rank writes to it, and decided the same."""
+    if not distributed.active():
+        return
+    mine = (str(start.run_dir), str(start.checkpoint), start.finished is not None)
+    theirs = distributed.broadcast_object(mine)
+    distributed.barrier()
+    if mine != theirs:
+        raise RlxError(
+            f"the ranks see different run directories or checkpoints ({mine} vs {theirs}): is "
+            "the run directory on a filesystem every node shares?"
+        )
 
 
 def _torch_threads() -> int:
@@ -347,11 +405,13 @@ def _build_locked(
     c, t = p.cfg, p.cfg["trainer"]
     rank, _ = dist_rank()
     start = start_run(c, run_dir)  # reads and checks everything before anything is written
+    _check_same_start(start)
     if start.finished is not None:
         raise RunFinished(start)
     run_dir, checkpoint, state = start.run_dir, start.checkpoint, start.state
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(c))  # the composed config, interpolations resolved
-    _prepare_run_dir(run_dir, config_yaml)
+    if rank == 0:
+        _prepare_run_dir(run_dir, config_yaml)
     if state is not None and rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows written after the checkpoint
             truncate_jsonl(run_dir / name, int(state["step"]))
@@ -423,7 +483,7 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     try:
         with session.signals:
             trainer.run()
-            if int(c["trainer"]["save_every"] or 0) and rank == 0:
+            if int(c["trainer"]["save_every"] or 0):  # h11: every rank (rank 0 writes, with all RNGs)
                 session.checkpoint_now()  # the last step: a rerun after a kill, or an extension, starts here
             session.signals.at_once = True  # from here a signal stops at once: nothing is left to lose
             if session.signals.signum is not None:  # one that came after the last step's own check
@@ -435,10 +495,13 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
         status = "FINISHED"
     except NonFiniteError as exc:
         path = _save_for_inspection(session)
+        distributed.barrier()  # h11: every rank raised it (agreed); the others wait for rank 0's write
         raise NonFiniteError(f"{exc}; stopped; the state it reached is in {path}") from exc
     except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
         status = "KILLED"
-        raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now())) from None
+        # h11: only this rank got the signal after training: no collective (only rank 0 writes; nothing
+        # of the other ranks' RNG is needed after the last step, evaluation runs on rank 0)
+        raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now(gather=False))) from None
     except (StopRequested, KeyboardInterrupt):
         status = "KILLED"
         raise
@@ -460,7 +523,8 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
 
 def _save_for_inspection(session: Session) -> Path:
     path = session.run_dir / "checkpoints" / f"nonfinite_step_{session.trainer.step:06d}"
-    save_model_dir(path, session.trainer.policy, session.config_yaml)
+    if distributed.world()[0] == 0:  # h11: every rank stopped at the same update; rank 0 writes
+        save_model_dir(path, session.trainer.policy, session.config_yaml)
     return path
 
 

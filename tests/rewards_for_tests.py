@@ -34,3 +34,20 @@ def text_length(prompts, completions):
 def strings(prompts, completions):
     """Not a number: a reward that returns text."""
     return ["good" for _ in completions]
+
+
+def huge_on_rank_1(prompts, completions):
+    """`huge` on torchrun's rank 1 only (a non-finite loss on one rank), 0 elsewhere."""
+    import os
+
+    value = 3.0e38 if os.environ.get("RANK") == "1" else 0.0
+    return [value for _ in completions]
+
+
+def raises_on_rank_1(prompts, completions):
+    """A bug on torchrun's rank 1 only (an exception that no other rank sees), 0 elsewhere."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ValueError("a reward bug on rank 1")
+    return [0.0 for _ in completions]

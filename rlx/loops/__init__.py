@@ -64,6 +64,7 @@ class TrainerSettings:
     on_nonfinite: str
     max_nonfinite: int
     threads: int | str = "auto"  # h12: torch's CPU threads (rlx.train.apply_threads)
+    parallel: str = "auto"  # h11: auto | none | ddp (rlx.distributed)
 
     def check(self) -> None:
         from transformers import SchedulerType
@@ -97,6 +98,9 @@ class TrainerSettings:
             self.threads == "auto" or (isinstance(self.threads, int) and 1 <= self.threads <= 4096),
             f"trainer.threads must be auto or a count from 1 to 4096, got {self.threads!r}",
         )
+        from rlx.distributed import resolve_parallel
+
+        resolve_parallel(self.parallel)  # h11: ddp without torchrun, none under it, fsdp2: refused
 
 
 @dataclass
@@ -216,6 +220,17 @@ class NonFiniteGuard:
             )
         return False
 
+    def agreed_ok(self, bad: tuple[float, str] | None, what: str, step: int) -> bool:
+        """`ok` decided by every rank together (h11): ``bad`` is this rank's non-finite value and what
+        it was, or None. When any rank saw one, every rank counts it (skip) or raises (stop) alike,
+        so no rank goes on to a collective the others skip. One process: `ok` of its own value."""
+        from rlx.distributed import agree
+
+        if not agree(bad is not None):
+            return True
+        value, what = bad if bad is not None else (float("nan"), f"{what} on another rank")
+        return self.ok(value, what, step)
+
     def update_done(self) -> None:
         self.in_row = 0
 
@@ -246,7 +261,13 @@ class LoopContext:
         saved: Path | None = None
         if self.save_every and trainer.step % self.save_every == 0:
             saved = self.save_checkpoint(trainer)
-        signum = self.stop_signal()
+        from rlx.distributed import all_reduce_max
+
+        # h11: a signal that reached any rank stops every rank at the same step
+        signum = int(all_reduce_max(float(self.stop_signal() or 0))) or None
         if signum is not None:
             saved = saved or self.save_checkpoint(trainer)
+            from rlx.distributed import barrier
+
+            barrier()  # h11: no rank leaves (and has torchrun stop the others) before rank 0 has written
             raise StopRequested(signum, trainer.step, str(saved))

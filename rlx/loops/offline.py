@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from rlx import distributed
 from rlx.data import DataSettings, read_examples
 from rlx.data.encode import Encoded, encode_rows, pack_rows
 from rlx.errors import require
@@ -45,7 +46,6 @@ from rlx.losses.preference import PREFERENCE_LOSSES
 from rlx.models import context_length
 from rlx.registry import Resolved
 from rlx.rewards import REWARDS
-from rlx.runtime import dist_rank
 from rlx.settings import read_settings
 from rlx.tracking import LiveProgress, Tracker, console
 
@@ -216,7 +216,7 @@ class OfflineTrainer:
         self.items = items  # what batches index: the encoded rows, or packed rows (algo.packing)
         self.eval_data = eval_data
         self.total_steps = total_steps
-        self.rank, self.world_size = dist_rank()
+        self.rank, self.world_size = distributed.world()
         self.step = 0
         self.epoch = 0
         self.index = 0  # position in the current epoch's order
@@ -273,10 +273,12 @@ class OfflineTrainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, rows: list[int]) -> dict[str, float]:
+        """One optimizer step on the batch ``rows``; each rank computes its contiguous share (h11)."""
+        share = -(-len(rows) // self.world_size)
         metrics = offline_step(
             self.feed,
             self.items,
-            rows,
+            rows[self.rank * share : (self.rank + 1) * share],
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             grad_clip=self.t.grad_clip,
@@ -312,6 +314,8 @@ class OfflineTrainer:
         return self.feed.eval_metrics({f"eval/{k}": v / total_norm for k, v in sums.items()})
 
     def evaluate(self) -> dict[str, float]:
+        if self.rank != 0:  # h11: held-out evaluation runs once, on rank 0; the others wait for it
+            return {}
         metrics = self.eval_data_metrics()
         if self.task_eval and self.reward is not None:
             task_metrics, _ = evaluate(

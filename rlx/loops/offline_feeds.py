@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rlx.data.encode import Encoded, PackedRow, pad_batch
+from rlx.distributed import all_reduce_dict, all_reduce_sum, union_keys
 from rlx.loops import chunks
 from rlx.loops.optim import optimizer_step
 from rlx.losses.aggregation import token_mean
@@ -277,6 +278,9 @@ class RewardPairsFeed(Feed):
         with console.status("building reward model", spinner="dots"):
             model, tokenizer = build_reward_model(ctx.plan.cfg["model"], ctx.plan.task)
             model.to(ctx.plan.device)
+        from rlx.distributed import broadcast_module
+
+        broadcast_module(model)  # h11: rank 0's initial weights on every rank
         return RewardModelHandle(model, tokenizer), Policy(model, tokenizer, ctx.plan.task, "reward_model")
 
     def rewards(self, data: Encoded, rows: list[int]) -> tuple[Tensor, Tensor]:
@@ -328,20 +332,27 @@ def offline_step(
     means, ``grad_norm`` before clipping, ``lr`` of this step); only ``nonfinite/skipped`` when
     ``trainer.on_nonfinite=skip`` dropped the update (``guard`` is the run's `NonFiniteGuard`)."""
     feed.model.train(feed.train_mode)
-    norm = max(feed.norm(data, rows), 1.0)
+    # h11: ``rows`` are this rank's share of the batch; the normaliser is the whole batch's (all ranks)
+    norm = max(all_reduce_sum(feed.norm(data, rows)), 1.0)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)
     total = 0.0
+    bad: tuple[float, str] | None = None
     try:
-        for part in chunks(rows, micro_batch_size):
+        for part in chunks(rows, micro_batch_size) if rows else ():
             loss, metrics = feed.micro_loss(data, part, cache, norm)
-            if not guard.ok(loss, "loss", step):  # on_nonfinite=skip: drop this update
-                optimizer.zero_grad(set_to_none=True)
-                return {"nonfinite/skipped": float(guard.skipped)}
+            if not math.isfinite(loss.item()):
+                bad = (loss.item(), "loss")
+                break
             loss.backward()
             total += loss.item()
             for k, v in metrics.items():
                 sums[k] += v
+        if not guard.agreed_ok(bad, "loss", step):  # on_nonfinite=skip: drop this update (every rank)
+            optimizer.zero_grad(set_to_none=True)
+            return {"nonfinite/skipped": float(guard.skipped)}
+        total = all_reduce_sum(total)  # h11: shares of the batch's loss and metrics, summed
+        sums = defaultdict(float, all_reduce_dict(sums, keys=union_keys(sums)))
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = optimizer_step([(optimizer, scheduler)], grad_clip=grad_clip, guard=guard, step=step)
     finally:

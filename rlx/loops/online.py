@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlx import distributed
 from rlx.advantages import frac_zero_std_groups, sequence_rewards, token_rewards
 from rlx.evaluate import evaluate
 from rlx.kl import KLController
@@ -48,7 +49,6 @@ from rlx.models import Policy
 from rlx.models.value import ActorCriticPolicy, build_critic
 from rlx.rewards import score_completions
 from rlx.rollout import Rollout, sample_groups
-from rlx.runtime import dist_rank
 from rlx.tracking import LiveProgress
 
 
@@ -62,6 +62,7 @@ def build_online(ctx: LoopContext) -> OnlineTrainer:
     if prepare is not None:  # trpo: eager attention (Fisher-vector products differentiate twice)
         prepare(policy)
     critic = build_critic(policy, algo.critic, algo.critic_path) if algo.critic != "none" else None
+    distributed.broadcast_module(critic)  # h11: a value head is initialised from each rank's seed
     updates = t.steps * algo.epochs * algo.minibatches
     optimizers: list[tuple[torch.optim.Optimizer, Any]] = []
     if algo.update == "sgd":  # the policy's optimizer (over the value head too when it shares the trunk)
@@ -103,7 +104,7 @@ class OnlineTrainer:
         self.policy = learner.policy
         self.critic = learner.critic
         self.update = UPDATES.get(self.algo.update)
-        self.rank, self.world_size = dist_rank()
+        self.rank, self.world_size = distributed.world()
         self.step = 0
         self.kl_ctl = KLController(
             self.kl.coef, target=self.kl.adaptive_target, horizon=self.kl.adaptive_horizon
@@ -165,6 +166,8 @@ class OnlineTrainer:
             self._critic_pair[1].load_state_dict(state["critic_scheduler"])
 
     def evaluate(self) -> dict[str, float]:
+        if self.rank != 0:  # h11: held-out evaluation runs once, on rank 0; the others wait for it
+            return {}
         metrics, _ = evaluate(
             self.policy,
             self.task,
@@ -179,8 +182,9 @@ class OnlineTrainer:
     def _sample_and_score(self, round_: int) -> tuple[Rollout, Tensor]:
         # Extra DAPO rounds draw fresh prompts from a separate stream of the task, indexed by round.
         t = self.plan.trainer
+        # h11: prompts_per_step is the global batch; each rank samples its slice of it, whole groups
         prompts = self.task.train_batch(
-            self.step, t.prompts_per_step, self.rank, self.world_size, stream=round_
+            self.step, t.prompts_per_step // self.world_size, self.rank, self.world_size, stream=round_
         )
         ro = sample_groups(self.policy, prompts, t.group_size, self.sampling)
         self.reward_parts: dict[str, float] = {}  # reward/<component> of reward=combined
@@ -200,12 +204,16 @@ class OnlineTrainer:
         group_size = self.plan.trainer.group_size
         ro, rewards = self._sample_and_score(0)
         seq = sequence_rewards(rewards, ro.mask)
+        # h11: the logged statistics are of the global batch (every rank's rows gathered)
+        all_seq, _ = distributed.gather_rows(seq)
+        lengths, _ = distributed.gather_rows(ro.mask.sum(-1).float())
+        parts = distributed.all_reduce_dict({k: v * len(seq) for k, v in self.reward_parts.items()})
         metrics = {
-            "reward/mean": seq.mean().item(),
-            "reward/std": seq.std().item() if len(seq) > 1 else 0.0,
-            "frac_reward_zero_std": frac_zero_std_groups(seq, group_size),
-            "response/length": ro.mask.sum(-1).mean().item(),
-            **self.reward_parts,
+            "reward/mean": all_seq.mean().item(),
+            "reward/std": all_seq.std().item() if len(all_seq) > 1 else 0.0,
+            "frac_reward_zero_std": frac_zero_std_groups(all_seq, group_size),
+            "response/length": lengths.mean().item(),
+            **{k: v / len(all_seq) for k, v in parts.items()},
         }
         if not self.algo.dynamic_sampling:
             return Batch(ro, rewards, metrics=metrics)
@@ -221,13 +229,16 @@ class OnlineTrainer:
                 )
                 kept.append((ro.select_groups(take), rewards[rows]))
                 have += len(take)
-            if have >= wanted or rounds >= self.algo.max_resample_rounds:
+            # h11: every rank runs the same number of rounds (while any rank still lacks groups); a rank
+            # whose share is full samples no more. Each rank fills its own share from its own prompts.
+            if not distributed.agree(have < wanted) or rounds >= self.algo.max_resample_rounds:
                 break
             rounds += 1
-            ro, rewards = self._sample_and_score(rounds)
-            seq = sequence_rewards(rewards, ro.mask)
+            if have < wanted:
+                ro, rewards = self._sample_and_score(rounds)
+                seq = sequence_rewards(rewards, ro.mask)
         metrics["dynamic/rounds"] = float(rounds)
-        metrics["dynamic/kept_groups"] = float(have)
+        metrics["dynamic/kept_groups"] = distributed.all_reduce_sum(float(have))
         if not kept:  # nothing informative at all: train on the zero-advantage batch as is
             return Batch(ro, rewards, metrics=metrics)
         return Batch(
@@ -284,23 +295,39 @@ class OnlineTrainer:
             rewards = batch.token_rewards
         else:
             rewards = masked_sum(batch.token_rewards, mask, dim=-1)
-        extra = {"values": batch.values} if "values" in meta.get("needs", ()) else {}
+        # h11: the estimators see the global batch (every rank's rows, gathered in rank order: whole
+        # groups, batch_std / reinforce_pp / whitening over all of it); each rank keeps its own rows
+        rewards, _ = distributed.gather_rows(rewards)
+        mask, mine = distributed.gather_rows(mask)
+        values = distributed.gather_rows(batch.values)[0] if batch.values is not None else None
+        extra = {"values": values} if "values" in meta.get("needs", ()) else {}
         advantages = self.pieces.advantage(rewards, self.plan.trainer.group_size, mask, **extra)
         batch.metrics["adv/mean"] = masked_mean(advantages, mask).item()
-        if batch.values is not None:
-            batch.returns = (advantages + batch.values) * mask
-            batch.metrics["value/mean"] = masked_mean(batch.values, mask).item()
-            batch.metrics["value/explained_variance"] = explained_variance(batch.values, batch.returns, mask)
+        if values is not None:
+            returns = (advantages + values) * mask
+            batch.returns = mine.take(returns)
+            batch.metrics["value/mean"] = masked_mean(values, mask).item()
+            batch.metrics["value/explained_variance"] = explained_variance(values, returns, mask)
         if self.algo.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        batch.advantages = advantages
+        batch.advantages = mine.take(advantages)
 
     # -- one iteration -------------------------------------------------------------------------
     def iteration(self) -> dict[str, float]:
         t0 = time.perf_counter()
         self.maybe_refresh_reference()
-        batch = self.collect()
+        return self.learn(self.collect(), t0)
+
+    def learn(self, batch: Batch, t0: float | None = None) -> dict[str, float]:
+        """Every stage after `collect` on ``batch`` (this rank's rows of the global batch): reference,
+        critic values, shaping, advantages, the update, the KL controller; the iteration's metrics."""
+        t0 = time.perf_counter() if t0 is None else t0
         self.reference(batch)
+        if batch.ref_kl is not None and self.world_size > 1:  # h11: kl/ref of the global batch
+            kl = distributed.all_reduce_dict(
+                {"kl": masked_sum(batch.ref_kl, batch.mask).item(), "n": batch.mask.sum().item()}
+            )
+            batch.metrics["kl/ref"] = kl["kl"] / max(kl["n"], 1.0)
         self.critic_values(batch)
         beta = self.kl_ctl.coef
         self.shape(batch, beta)
@@ -311,10 +338,19 @@ class OnlineTrainer:
         t2 = time.perf_counter()
         if batch.ref_kl is not None:  # the controller measures the mean sequence KL (Ziegler et al.)
             metrics["kl/coef"] = beta
-            self.kl_ctl.update(masked_sum(batch.ref_kl, batch.mask, dim=-1).mean().item(), n=len(batch.mask))
+            if self.world_size > 1:  # h11: over the global batch, the same on every rank
+                kl = distributed.all_reduce_dict(
+                    {"kl": masked_sum(batch.ref_kl, batch.mask, dim=-1).sum().item(), "n": len(batch.mask)}
+                )
+                self.kl_ctl.update(kl["kl"] / kl["n"], n=int(kl["n"]))
+            else:
+                self.kl_ctl.update(
+                    masked_sum(batch.ref_kl, batch.mask, dim=-1).mean().item(), n=len(batch.mask)
+                )
         metrics["time/rollout_s"] = t1 - t0
         metrics["time/update_s"] = t2 - t1
-        metrics["throughput/tokens_per_s"] = batch.mask.sum().item() / max(t2 - t0, 1e-9)  # sampled tokens/s
+        sampled = distributed.all_reduce_sum(batch.mask.sum().item())  # h11: every rank's tokens
+        metrics["throughput/tokens_per_s"] = sampled / max(t2 - t0, 1e-9)  # sampled tokens/s
         if self.plan.trainer.samples_every and self.step % self.plan.trainer.samples_every == 0:
             self._write_samples(batch)
         return metrics

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
+from rlx.distributed import all_reduce_gradients
 from rlx.errors import NonFiniteError
 from rlx.registry import instantiate_checked
 
@@ -65,6 +66,9 @@ def optimizer_step(
     ``guard`` is the run's `NonFiniteGuard`.
     """
     max_norm = grad_clip if grad_clip else float("inf")
+    # h11: under trainer.parallel=ddp the ranks' accumulated gradients are summed here (each loss is
+    # already divided by the global counts), so the norms, the guard's decision and the step agree
+    all_reduce_gradients(p for optimizer, _ in optimizers for p in optimizer_params(optimizer))
     norms = []
     for optimizer, _ in optimizers:
         params = [p for p in optimizer_params(optimizer) if p.grad is not None]

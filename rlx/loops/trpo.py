@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from rlx.distributed import all_reduce_dict, all_reduce_sum, all_reduce_tensor
 from rlx.errors import require
 from rlx.loops import chunks
 from rlx.loops.update import UPDATES, Batch, Learner, fit_critic
@@ -174,8 +175,10 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
     ro = batch.rollout
     params = [p for p in learner.policy.parameters() if p.requires_grad]
     rows = list(chunks(torch.arange(len(ro.tokens), device=ro.tokens.device), learner.micro_batch_size))
-    num_tokens = max(ro.mask.sum().item(), 1.0)
-    num_seqs = len(ro.tokens)
+    # h11: global counts; the gradient, Fisher-vector products and line-search values are summed over
+    # ranks, so every rank computes the same step and takes the same line-search decisions
+    num_tokens = max(all_reduce_sum(ro.mask.sum().item()), 1.0)
+    num_seqs = int(all_reduce_sum(len(ro.tokens)))
     # pi_old over the whole vocabulary (the sampling policy: nothing has moved since sampling)
     with torch.no_grad():
         old_logprobs = torch.zeros(*ro.tokens.shape, learner.policy.vocab_size, device=ro.tokens.device)
@@ -189,16 +192,22 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
     grads = [torch.zeros_like(p) for p in params]
     objective_old = 0.0
     entropy_sum = 0.0
+    bad: tuple[float, str] | None = None
     for idx in rows:
         objective, _, entropy = _objective(learner, batch, idx, num_tokens, num_seqs)
-        if not guard.ok(objective, "surrogate", step):  # skip: no step this time
-            return {"nonfinite/skipped": float(guard.skipped)}
+        if not math.isfinite(objective.item()):
+            bad = (objective.item(), "surrogate")
+            break
         for acc, g in zip(grads, torch.autograd.grad(objective, params, allow_unused=True)):
             if g is not None:
                 acc += g
         objective_old += objective.item()
         entropy_sum += masked_sum(entropy.detach(), ro.mask[idx]).item()
-    g = parameters_to_vector(grads)
+    if not guard.agreed_ok(bad, "surrogate", step):  # skip: no step this time
+        return {"nonfinite/skipped": float(guard.skipped)}
+    g = all_reduce_tensor(parameters_to_vector(grads))
+    sums = all_reduce_dict({"objective": objective_old, "entropy": entropy_sum})
+    objective_old, entropy_sum = sums["objective"], sums["entropy"]
     grad_norm = g.norm().item()
     if not guard.ok(grad_norm, "gradient norm", step):
         return {"nonfinite/skipped": float(guard.skipped)}
@@ -214,7 +223,7 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
             kl = _mean_kl(learner, batch, idx, old_logprobs, logits, num_tokens)
             flat = _flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params)
             out += _flat(torch.autograd.grad(flat.dot(v), params, allow_unused=True), params)
-        return out + trpo.damping * v
+        return all_reduce_tensor(out) + trpo.damping * v
 
     x, cg_iters = conjugate_gradient(fvp, g, trpo.cg_iters)
     xhx = x.dot(fvp(x)).item()
@@ -229,7 +238,8 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
             obj, logits, _ = _objective(learner, batch, idx, num_tokens, num_seqs)
             objective += obj.item()
             kl += _mean_kl(learner, batch, idx, old_logprobs, logits, num_tokens).item()
-        return objective, kl
+        both = all_reduce_dict({"objective": objective, "kl": kl})
+        return both["objective"], both["kl"]
 
     theta, frac, kl, improvement = backtracking_line_search(
         theta_old,

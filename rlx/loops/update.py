@@ -24,6 +24,7 @@ An update is a function of a `Batch` and a `Learner`: tests call it on a hand-bu
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlx.distributed import all_reduce_dict, all_reduce_sum, union_keys
 from rlx.loops import NonFiniteGuard, chunks
 from rlx.loops.optim import optimizer_step, zero_grad
 from rlx.losses.aggregation import token_mean
@@ -133,13 +135,16 @@ def minibatch_gradients(
     its approx KL(pi_old || pi) (k3, token mean; computed only when the early stop is on).
     """
     ro, algo = batch.rollout, learner.algo
-    num_tokens = ro.mask[rows].sum().item()
-    num_seqs = len(rows)
+    # h11: the counts of the minibatch over all ranks, so every rank's share of the loss is divided by
+    # the global number of tokens / sequences (a per-rank token mean would weight ranks equally)
+    num_tokens = all_reduce_sum(ro.mask[rows].sum().item())
+    num_seqs = int(all_reduce_sum(len(rows)))
     agg = learner.aggregate(num_tokens, num_seqs)
     zero_grad(learner.optimizers)
     m: dict[str, float] = defaultdict(float)
     kl_old_sum = 0.0
-    for idx in chunks(rows, learner.micro_batch_size):
+    bad: tuple[float, str] | None = None  # h11: a non-finite loss here, agreed with the other ranks below
+    for idx in chunks(rows, learner.micro_batch_size) if len(rows) else ():
         share = len(idx) / num_seqs
         mask = ro.mask[idx]
         scores, values = learner.forward(ro, idx, entropy=bool(algo.entropy_coef) or log_entropy)
@@ -169,8 +174,9 @@ def minibatch_gradients(
             kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)
             total = total + kl_coef * kl_loss
             m["loss/kl"] += kl_loss.item()
-        if not learner.guard.ok(total, what, step):
-            return None, 0.0
+        if not math.isfinite(total.item()):
+            bad = (total.item(), what)
+            break
         total.backward()
         m["loss/total"] += total.item()
         m["loss/policy"] += policy_loss.item()
@@ -183,7 +189,11 @@ def minibatch_gradients(
         if algo.early_stop_kl is not None:
             log_ratio = (logp - ro.old_logp[idx]).detach()
             kl_old_sum += masked_sum(torch.expm1(log_ratio) - log_ratio, mask).item()
-    return m, kl_old_sum / max(num_tokens, 1.0)
+    if not learner.guard.agreed_ok(bad, "loss", step):
+        return None, 0.0
+    # h11: the metrics are shares of the global minibatch: their sum over ranks is its value
+    m = defaultdict(float, all_reduce_dict(m, keys=union_keys(m)))
+    return m, all_reduce_sum(kl_old_sum) / max(num_tokens, 1.0)
 
 
 @UPDATES.register("sgd")
@@ -247,10 +257,12 @@ def fit_critic(learner: Learner, batch: Batch, *, step: int) -> dict[str, float]
         perm = torch.randperm(n, device=ro.tokens.device) if algo.minibatches > 1 else torch.arange(n)
         for mb in range(algo.minibatches):
             rows = perm[mb * mb_size : (mb + 1) * mb_size].to(ro.tokens.device)
-            num_tokens = ro.mask[rows].sum().item()
+            num_tokens = all_reduce_sum(ro.mask[rows].sum().item())  # h11: global counts
+            num_seqs = int(all_reduce_sum(len(rows)))
             zero_grad(learner.optimizers)
             loss_sum, clip_frac = 0.0, 0.0
-            for idx in chunks(rows, learner.micro_batch_size):
+            bad: tuple[float, str] | None = None
+            for idx in chunks(rows, learner.micro_batch_size) if len(rows) else ():
                 args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
                 mask = ro.mask[idx]
                 value_tokens, vm = clipped_value_loss(
@@ -260,13 +272,15 @@ def fit_critic(learner: Learner, batch: Batch, *, step: int) -> dict[str, float]
                     mask,
                     clip_range=algo.cliprange_value,
                 )
-                loss = token_mean(value_tokens, mask, num_tokens, len(rows))
-                if not learner.guard.ok(loss, f"value loss {loss.item()}", step):
+                loss = token_mean(value_tokens, mask, num_tokens, num_seqs)
+                if not math.isfinite(loss.item()):
+                    bad = (loss.item(), f"value loss {loss.item()}")
                     break
                 loss.backward()
                 loss_sum += loss.item()
-                clip_frac += len(idx) / len(rows) * float(vm["value/clip_frac"])
-            else:
+                clip_frac += len(idx) / num_seqs * float(vm["value/clip_frac"])
+            if learner.guard.agreed_ok(bad, "value loss", step):
+                loss_sum, clip_frac = all_reduce_sum(loss_sum), all_reduce_sum(clip_frac)
                 norm = optimizer_step(
                     learner.optimizers,
                     grad_clip=learner.grad_clip,

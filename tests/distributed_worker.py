@@ -1,0 +1,161 @@
+"""One process of tests/test_distributed.py's equality check: run under torchrun (2 ranks, gloo) or as
+a plain process (world size 1), it builds each variant's real trainer with `rlx.train.build`, makes one
+fixed global batch (the same in every process), gives each rank its share and runs the update functions
+on it; rank 0 saves the parameters and metrics after the updates to ``OUT/<variant>.pt``.
+
+    python tests/distributed_worker.py OUT DATA_DIR [VARIANT ...]
+    torchrun --nproc_per_node=2 tests/distributed_worker.py OUT DATA_DIR [VARIANT ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+
+torch.set_num_threads(1)
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+TINY_GPT = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2"]
+BASE = [
+    *TINY_GPT,
+    "task.eval_size=16",
+    "logger=none",
+    "trainer.steps=2",
+    "trainer.eval_every=0",
+    "trainer.samples_every=0",
+    "trainer.save_every=0",
+    "trainer.lr=0.05",
+    "trainer.lr_schedule=constant",
+    # plain SGD: Adam's first step is lr * g / (|g| + eps), which turns the rounding of near-zero
+    # gradient entries (a sum over ranks in another order) into differences of order lr
+    "optimizer._target_=torch.optim.SGD",
+    "~optimizer.betas",
+    "~optimizer.eps",
+]
+ONLINE = [*BASE, "trainer.prompts_per_step=4", "trainer.group_size=4"]
+# name -> overrides. Every advantage estimator, every aggregation, both critic layouts, TRPO, a KL in
+# the loss with the adaptive controller, whitening, micro-batches that split ranks' rows unevenly.
+VARIANTS: dict[str, list[str]] = {
+    **{
+        f"adv_{adv}": [*ONLINE, "algo=grpo", f"adv_norm={adv}", "trainer.micro_batch_size=3"]
+        for adv in ("none", "center", "group_std", "batch_std", "rloo", "max", "reinforce_pp")
+    },
+    **{
+        f"agg_{agg}": [*ONLINE, "algo=grpo", f"algo.aggregation={agg}"]
+        for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+    },
+    "kl_adaptive_whiten": [
+        *ONLINE,
+        "algo=grpo",
+        "kl=k3",
+        "kl.adaptive_target=0.01",
+        "algo.whiten_advantages=true",
+        "algo.entropy_coef=0.05",
+    ],
+    "ppo_head": [*ONLINE, "algo=ppo", "algo.minibatches=1", "algo.epochs=2", "trainer.micro_batch_size=5"],
+    "ppo_separate": [*ONLINE, "algo=ppo", "algo.critic=separate", "algo.minibatches=1", "algo.epochs=2"],
+    "trpo": [*ONLINE, "algo=trpo", "trainer.micro_batch_size=4"],
+    "sft": [*BASE, "algo=sft", "algo.batch_size=8", "trainer.micro_batch_size=3"],
+    "dpo": [*BASE, "algo=dpo", "algo.batch_size=8", "trainer.micro_batch_size=3"],
+}
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="rlx.conf", version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def global_batch(trainer, rank: int, world_size: int):
+    """The same 16 sampled completions in every process (same weights, same seed), unequal lengths;
+    this rank's whole groups, cut to this rank's own longest completion."""
+    from rlx.loops.update import Batch
+    from rlx.rollout import sample_groups
+
+    t = trainer.plan.trainer
+    prompts = trainer.task.train_batch(0, t.prompts_per_step)
+    torch.manual_seed(1234)
+    ro = sample_groups(trainer.policy, prompts, t.group_size, trainer.sampling)
+    g = torch.Generator().manual_seed(7)
+    rewards = torch.randint(0, 4, (len(ro.tokens),), generator=g).float()
+    # unequal completion lengths (as if EOS came early): 1..T real tokens per row, the rest padding
+    width = ro.tokens.shape[1]
+    cut = torch.randint(1, width + 1, (len(ro.tokens),), generator=g)
+    cut[-1] = min(cut[-1].item(), width - 1)  # the last rank's rows never reach the full width
+    keep = (torch.arange(width)[None, :] < cut[:, None]).float()
+    ro.mask = ro.mask * keep
+    ro.old_logp = ro.old_logp * ro.mask
+    ro.tokens = torch.where(ro.mask.bool(), ro.tokens, torch.zeros_like(ro.tokens))
+    per_rank = ro.num_groups // world_size
+    groups = list(range(rank * per_rank, (rank + 1) * per_rank))
+    mine = ro.select_groups(groups)
+    width = int(mine.mask.sum(-1).max().item())
+    mine.tokens, mine.mask, mine.old_logp = (x[:, :width] for x in (mine.tokens, mine.mask, mine.old_logp))
+    rows = [gr * t.group_size + i for gr in groups for i in range(t.group_size)]
+    lengths = ro.mask.sum(-1).tolist()
+    return Batch(mine, rewards[rows]), lengths
+
+
+def flat_params(trainer) -> torch.Tensor:
+    params = list(trainer.policy.parameters())
+    if getattr(trainer, "critic", None) is not None:
+        params += [p for p in trainer.critic.own_parameters() if all(p is not q for q in params)]
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+def run(name: str, out: Path, data: Path) -> None:
+    from rlx import distributed
+    from rlx.train import build
+
+    overrides = list(VARIANTS[name])
+    if name in ("sft", "dpo"):
+        kind = "sft" if name == "sft" else "pairs"
+        overrides.append(f"data.train={data / f'{kind}_train.jsonl'}")
+    session = build(compose_cfg(overrides), run_dir=out / "runs" / name)
+    trainer = session.trainer
+    rank, world_size = distributed.world()
+    result: dict[str, object] = {"world_size": world_size}
+    if name in ("sft", "dpo"):
+        metrics = [trainer.train_step(trainer.next_batch()) for _ in range(2)]
+    else:
+        batch, lengths = global_batch(trainer, rank, world_size)
+        result["lengths"] = lengths
+        metrics = []
+        for step in range(2):  # the second update sees a moved policy (a KL to the reference, ratios != 1)
+            trainer.step = step
+            fresh = type(batch)(batch.rollout, batch.rewards)
+            metrics.append(
+                {k: v for k, v in trainer.learn(fresh).items() if not k.startswith(("time/", "thr"))}
+            )
+        result["kl_coef"] = trainer.kl_ctl.coef
+    result["params"] = flat_params(trainer)
+    result["metrics"] = metrics
+    session.tracker.close("FINISHED")
+    session.release()
+    if rank == 0:
+        torch.save(result, out / f"{name}.pt")
+
+
+def main() -> None:
+    out, data = Path(sys.argv[1]), Path(sys.argv[2])
+    names = sys.argv[3:] or list(VARIANTS)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        run(name, out, data)
+    from rlx.distributed import shutdown
+
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
