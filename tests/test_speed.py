@@ -101,9 +101,9 @@ def test_sampling_keeps_no_full_vocabulary_logits_and_records_exact_logp():
 
 def test_chunked_logp_and_entropy_equal_the_full_log_softmax(monkeypatch):
     import rlx.losses.entropy
-    import rlx.models.policy
+    import rlx.models.logprobs
 
-    monkeypatch.setattr(rlx.models.policy, "CHUNK_ELEMENTS", 400)  # 2-3 rows of [3, 50] per chunk
+    monkeypatch.setattr(rlx.models.logprobs, "CHUNK_ELEMENTS", 400)  # 2-3 rows of [3, 50] per chunk
     monkeypatch.setattr(rlx.losses.entropy, "CHUNK_ELEMENTS", 400)
     torch.manual_seed(0)
     logits = torch.randn(11, 3, 50, requires_grad=True)

@@ -18,6 +18,7 @@ linear output embedding, go through their logits in chunks (`token_logp`).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any, NamedTuple
 
@@ -25,9 +26,97 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlx.errors import RlxError
+from rlx.losses.entropy import token_entropy
+
 # Logits per chunk inside the fused function: 2**25 float32 values (128 MB) are ~220 rows at
 # V = 151936, enough rows for the head's matmul to run at full speed, small next to [N, T, V].
 FUSED_CHUNK_ELEMENTS = 1 << 25
+
+
+# Elements of logits handled at once by `token_logp` / `token_entropy` (whole rows of [T, V]): one
+# float32 copy of a chunk of at most 64 MB (at V = 151936 and T = 64, one row is 39 MB) instead of one of
+# the whole [N, T, V] tensor; small vocabularies go in one piece (many tiny ops cost more than they save).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(logits: Tensor) -> int:
+    """Rows of ``logits`` ``[N, ..., V]`` per chunk: as many as fit in `CHUNK_ELEMENTS`, at least one."""
+    per_row = max(logits[0].numel(), 1) if len(logits) else 1
+    return max(CHUNK_ELEMENTS // per_row, 1)
+
+
+def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log pi(y_t) under the temperature-scaled policy: ``[..., V], [...] -> [...]`` (float32).
+
+    ``logit[y] / tau - logsumexp(logits / tau)``, a few rows at a time: the log-prob of the chosen token
+    only, never a full ``log_softmax`` copy of the logits (TRL's ``selective_log_softmax``). Gradients
+    flow through it (the update calls it on the training forward's logits).
+    """
+    rows = chunk_rows(logits)
+    if logits.dim() == tokens.dim() + 1 and logits.dim() >= 3 and logits.shape[0] > rows:
+        # split, not slicing: the backward of `split` is one concatenation, while each slice's backward
+        # would allocate a zero tensor the size of all of `logits` (quadratic in the number of chunks)
+        return torch.cat(
+            [token_logp(lg, tk, temperature) for lg, tk in zip(logits.split(rows), tokens.split(rows))]
+        )
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    chosen = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(scaled, dim=-1)
+
+
+def completion_forward(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion: Tensor,
+    comp_mask: Tensor,
+    hidden: bool = False,
+    logits: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """One teacher-forced pass of ``model`` over prompt + completion: the outputs at the positions that
+    predict each completion token (logits ``[N, T, V]`` unless ``logits=False``, and with ``hidden``
+    the last hidden state ``[N, T, H]``). Left padding: positions count real tokens only, as generate()
+    does. Without ``logits`` the model's own head runs over one position per row (``logits_to_keep=1``)."""
+    ids = torch.cat([prompt_ids, completion], dim=1)
+    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
+    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    p, t = prompt_ids.shape[1], completion.shape[1]
+    extra: dict[str, Any] = {"output_hidden_states": True} if hidden else {}
+    keep = _accepts(model, "logits_to_keep")
+    if keep:  # the LM head over the last t + 1 positions only, not the prompt's (h12)
+        extra["logits_to_keep"] = t + 1 if logits else 1
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, **extra)
+    scores = getattr(out, "logits", None) if logits else None
+    if scores is not None:
+        scores = scores[:, :t] if keep else scores[:, p - 1 : p - 1 + t]
+    if not hidden:
+        return scores, None
+    states = getattr(out, "hidden_states", None)
+    if not states:
+        raise RlxError(
+            f"{type(model).__name__} returns no hidden states (output_hidden_states), so it cannot carry "
+            "a value head"
+        )
+    return scores, states[-1][:, p - 1 : p - 1 + t]
+
+
+def _accepts(model: Any, name: str) -> bool:
+    """Whether ``model.forward`` takes keyword ``name`` (cached per class)."""
+    cls = type(model)
+    known = _ACCEPTS.get((cls, name))
+    if known is None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        known = _ACCEPTS[(cls, name)] = name in params
+    return known
+
+
+_ACCEPTS: dict[tuple[type, str], bool] = {}
 
 
 class CompletionScores(NamedTuple):
@@ -239,7 +328,6 @@ def score_completions(
 
     Left padding: positions count real tokens only, as generate() does. The fused head (module
     docstring) when `linear_head` accepts the model; otherwise the model's own logits, chunked."""
-    from rlx.models.policy import completion_forward, token_logp  # policy.py imports this module
 
     head = linear_head(model)
     if head is None:
@@ -248,8 +336,6 @@ def score_completions(
         logp = token_logp(logits, completion, temperature) * comp_mask
         ent = None
         if entropy:
-            from rlx.losses.entropy import token_entropy
-
             ent = token_entropy(logits, temperature)
         return CompletionScores(logp, ent, states)
     _, h = completion_forward(model, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False)
