@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -245,18 +246,23 @@ class OnlineTrainer:
             Rollout.concat([r for r, _ in kept]), torch.cat([x for _, x in kept], dim=0), metrics=metrics
         )
 
+    def per_micro_batch(self, ro: Rollout, fn: Callable[..., Tensor]) -> Tensor:
+        """``fn(prompt_ids, prompt_mask, tokens, mask)`` ``[n, T]`` for each micro-batch of ``ro``
+        (``trainer.micro_batch_size``), as one float ``[N, T]`` tensor, 0 on padding."""
+        out = torch.zeros_like(ro.old_logp)
+        rows = torch.arange(len(ro.tokens), device=ro.tokens.device)
+        for idx in chunks(rows, self.plan.trainer.micro_batch_size):
+            args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
+            out[idx] = fn(*args).float() * ro.mask[idx]
+        return out
+
     @torch.no_grad()
     def reference(self, batch: Batch) -> None:
         """ref_logp under the frozen reference, and the KL to it at sampling time (``kl/ref``)."""
         if self.ref is None or self.pieces.kl is None:
             return
-        ro = batch.rollout
-        out = torch.zeros_like(ro.old_logp)
-        for idx in chunks(
-            torch.arange(len(ro.tokens), device=ro.tokens.device), self.plan.trainer.micro_batch_size
-        ):
-            args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
-            out[idx] = self.ref.score(*args, self.sampling.temperature).logp
+        ro, ref, temperature = batch.rollout, self.ref, self.sampling.temperature
+        out = self.per_micro_batch(ro, lambda *args: ref.score(*args, temperature).logp)
         batch.ref_logp = out
         batch.ref_kl = self.pieces.kl(ro.old_logp, out) * ro.mask
         batch.metrics["kl/ref"] = masked_mean(batch.ref_kl, ro.mask).item()
@@ -266,19 +272,14 @@ class OnlineTrainer:
         """V_old(s_t) of the critic that goes with pi_old, 0 on padding."""
         if self.critic is None:
             return
-        ro = batch.rollout
-        out = torch.zeros_like(ro.old_logp)
-        for idx in chunks(
-            torch.arange(len(ro.tokens), device=ro.tokens.device), self.plan.trainer.micro_batch_size
-        ):
-            args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
-            if self.critic.shared:
-                hidden = self.policy.hidden_states(*args)
-                values = self.critic.values_from_hidden(hidden)
-            else:
-                values = self.critic.values(*args)
-            out[idx] = values.float() * ro.mask[idx]
-        batch.values = out
+        critic, policy = self.critic, self.policy
+
+        def values(*args: Tensor) -> Tensor:
+            if critic.shared:
+                return critic.values_from_hidden(policy.hidden_states(*args))
+            return critic.values(*args)
+
+        batch.values = self.per_micro_batch(batch.rollout, values)
 
     def shape(self, batch: Batch, beta: float) -> None:
         """Per-token rewards, with -beta * KL on every token when the KL is in the reward."""
