@@ -185,11 +185,17 @@ def _hydra_job() -> tuple[Path, Path, list[str], Path | None]:
 
 
 def _build_policy(p: Plan) -> Policy:
+    import torch
+
     quiet = not log.isEnabledFor(logging.INFO)  # rlx train -q
     spinner = console.status(f"building model {p.cfg['model'].get('name', '')}", spinner="dots")
     with contextlib.nullcontext() if quiet else spinner:
         policy = build_model(p.cfg["model"], p.task)
         policy.model.to(p.device)
+        policy.autocast_dtype = p.trainer.autocast_dtype  # trainer.precision
+        if policy.autocast_dtype is torch.bfloat16 and p.device.type == "cuda":
+            if not torch.cuda.is_bf16_supported():
+                raise RlxError(f"trainer.precision=bf16: {torch.cuda.get_device_name(p.device)} has no bf16")
         policy.model.eval()  # no dropout in RL; gradients still flow
         distributed.broadcast_module(policy.model)  # h11: rank 0's initial weights on every rank
     return policy

@@ -65,6 +65,18 @@ class TrainerSettings:
     max_nonfinite: int
     threads: int | str = "auto"  # h12: torch's CPU threads (rlx.train.apply_threads)
     parallel: str = "auto"  # h11: auto | none | ddp (rlx.distributed)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights): Policy.autocast
+    reference_dtype: str = "fp32"  # fp32 | bf16: the frozen reference's weights (Policy.frozen_copy)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The policy's autocast dtype under ``trainer.precision`` (None: float32 throughout)."""
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    @property
+    def reference_torch_dtype(self) -> torch.dtype | None:
+        """The frozen reference model's weight dtype (None: the policy's, float32)."""
+        return torch.bfloat16 if self.reference_dtype == "bf16" else None
 
     def check(self) -> None:
         from transformers import SchedulerType
@@ -101,6 +113,8 @@ class TrainerSettings:
         from rlx.distributed import resolve_parallel
 
         resolve_parallel(self.parallel)  # h11: ddp without torchrun, none under it, fsdp2: refused
+        for key, value in (("precision", self.precision), ("reference_dtype", self.reference_dtype)):
+            require(value in ("fp32", "bf16"), f"trainer.{key} must be fp32 or bf16, got {value!r}")
 
 
 @dataclass

@@ -154,7 +154,13 @@ def build_offline(ctx: LoopContext) -> OfflineTrainer:
     with console.status(f"reading {d.train}", spinner="dots"):
         enc = read_data(d, a, op.feed.data_kind, tokenizing, context, held_out=False)
         eval_enc = read_data(d, a, op.feed.data_kind, tokenizing, context, held_out=True) if d.eval else None
-    feed = op.feed(policy, op.loss, max_len=max_len, precompute_ref=a.precompute_ref)
+    feed = op.feed(
+        policy,
+        op.loss,
+        max_len=max_len,
+        precompute_ref=a.precompute_ref,
+        ref_dtype=ctx.plan.trainer.reference_torch_dtype,
+    )
     items: Items = pack_rows(enc, max_len) if a.packing else enc
     per_epoch = math.ceil(len(items) / a.batch_size)
     steps = ctx.plan.trainer.steps

@@ -21,7 +21,6 @@ whole batch's count, so micro-batching does not change the gradient), backward, 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -55,7 +54,15 @@ class Feed:
     evaluates_policy: ClassVar[bool] = True  # the trained model is a policy (task evaluation applies)
     packs: ClassVar[bool] = False  # algo.packing is allowed
 
-    def __init__(self, policy: Any, loss: Resolved, *, max_len: int, precompute_ref: bool = False) -> None:
+    def __init__(
+        self,
+        policy: Any,
+        loss: Resolved,
+        *,
+        max_len: int,
+        precompute_ref: bool = False,
+        ref_dtype: torch.dtype | None = None,
+    ) -> None:
         """``max_len``: the longest prompt + completion the model reads (the algo limits, capped by
         its context); ``precompute_ref``: reference log-probs once, before training (pairs only)."""
         self.policy = policy  # a `Policy`, or a `RewardModelHandle`
@@ -171,11 +178,18 @@ class PairsFeed(Feed):
     inputs = "pairs"
     data_kind = "pairs"
 
-    def __init__(self, policy: Any, loss: Resolved, *, max_len: int, precompute_ref: bool = False) -> None:
+    def __init__(
+        self,
+        policy: Any,
+        loss: Resolved,
+        *,
+        max_len: int,
+        precompute_ref: bool = False,
+        ref_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(policy, loss, max_len=max_len)
         self.precompute_ref = precompute_ref
-        self.ref: Policy | None = copy.copy(policy)
-        self.ref.model = copy.deepcopy(policy.model).requires_grad_(False).eval()
+        self.ref: Policy | None = policy.frozen_copy(ref_dtype)
         self.ref_logps: Tensor | None = None  # [N, 2] precomputed (chosen, rejected)
         self.eval_ref_logps: Tensor | None = None
 

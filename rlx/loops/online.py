@@ -28,7 +28,6 @@ whitened.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -112,8 +111,7 @@ class OnlineTrainer:
         )
         self.ref: Policy | None = None
         if self.pieces.kl is not None:
-            self.ref = copy.copy(self.policy)
-            self.ref.model = copy.deepcopy(self.policy.model).requires_grad_(False)
+            self.ref = self.policy.frozen_copy(ctx.plan.trainer.reference_torch_dtype)
         self.samples_path = ctx.run_dir / "samples.jsonl"
 
     # the policy's optimizer (what rlx.train saves as "optimizer"), and a separate critic's

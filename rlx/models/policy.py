@@ -17,6 +17,7 @@ batch's first update.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,10 @@ class Policy:
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.chat_template = False  # model=hf turns it on when the tokenizer has one
         self._token_text: dict[int, str] = {}
+        # trainer.precision=bf16: every forward of this policy (sampling, scoring, the update's) runs
+        # under torch.autocast in this dtype; the weights, their gradients and the optimizer's state
+        # stay float32 (mixed precision with fp32 master weights). None: plain float32.
+        self.autocast_dtype: torch.dtype | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
     @property
@@ -110,6 +115,12 @@ class Policy:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` in ``autocast_dtype`` on the policy's device type, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @property
     def uses_hf_generate(self) -> bool:
@@ -194,7 +205,8 @@ class Policy:
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, comp_mask: Tensor
     ) -> Tensor:
         """Logits for every completion position, ``[N, T, V]``, with gradient (teacher forcing)."""
-        logits = completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask)[0]
+        with self.autocast():
+            logits = completion_forward(self.model, prompt_ids, prompt_mask, completion, comp_mask)[0]
         assert logits is not None
         return logits
 
@@ -203,9 +215,10 @@ class Policy:
     ) -> Tensor:
         """The last hidden state ``[N, T, H]`` at the positions that predict each completion token (what
         a value head reads), without the LM head's logits."""
-        _, hidden = completion_forward(
-            self.model, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False
-        )
+        with self.autocast():
+            _, hidden = completion_forward(
+                self.model, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False
+            )
         assert hidden is not None
         return hidden
 
@@ -223,16 +236,17 @@ class Policy:
         """``log pi(y_t)`` ``[N, T]`` of the given completion tokens (0 after EOS), with gradient, and on
         request the entropy and the last hidden state at each completion position, without ``[N, T, V]``
         logits where the model allows it (`rlx.models.logprobs.score_completions`)."""
-        return score_completions(
-            self.model,
-            prompt_ids,
-            prompt_mask,
-            completion,
-            comp_mask,
-            temperature,
-            entropy=entropy,
-            hidden=hidden,
-        )
+        with self.autocast():
+            return score_completions(
+                self.model,
+                prompt_ids,
+                prompt_mask,
+                completion,
+                comp_mask,
+                temperature,
+                entropy=entropy,
+                hidden=hidden,
+            )
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,7 +263,8 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            tokens, logp = self._sample(prompt_ids, prompt_mask, sampling, max_new, greedy)
+            with self.autocast():
+                tokens, logp = self._sample(prompt_ids, prompt_mask, sampling, max_new, greedy)
         finally:
             self.model.train(was_training)
         if tokens.shape[1] < max_new:  # every row hit EOS early
@@ -333,6 +348,19 @@ class Policy:
                 attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
         return torch.stack(step_tokens, dim=1), torch.stack(step_logp, dim=1)
+
+    def frozen_copy(self, dtype: torch.dtype | None = None) -> Policy:
+        """A frozen reference policy: this policy's weights copied (in ``dtype`` when given, e.g.
+        bfloat16 to halve its memory: ``trainer.reference_dtype``), no gradients, eval mode, sharing the
+        tokenizer and task. Its forwards run in its own dtype (no autocast)."""
+        import copy
+
+        ref = copy.copy(self)
+        ref.model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if dtype is not None:
+            ref.model.to(dtype)
+        ref.autocast_dtype = None
+        return ref
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
