@@ -29,13 +29,14 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(BIN)/rlx train algo=grpo reward=sort $(ARGS)
 
-# Two pytest workers (pytest-xdist), one test file each at a time, one thread per process: on a
-# 2-core machine the subprocess-heavy tests overlap instead of waiting on each other.
+# Two pytest workers (pytest-xdist), one thread per process: on a 2-core machine the subprocess-heavy
+# tests overlap instead of waiting on each other. Tests go to whichever worker is free, one at a time
+# (`loadgroup`), except the files tests/conftest.py keeps together (an expensive module fixture).
 PYTEST_WORKERS ?= 2
 
 test: install
 	$(BIN)/ruff check rlx tests scripts
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)
 
 # The edit-test loop: the math, the registries, the settings, the import structure and the update
 # stages on hand-built batches (no training runs, no subprocesses but one).

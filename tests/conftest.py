@@ -57,3 +57,15 @@ def run_rlx(*args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | Non
     return subprocess.run(
         [RLX, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+# Files whose module-scoped fixture is itself a long job (torchrun's 2-rank updates, an mlflow server with
+# a sweep): their tests stay on one pytest-xdist worker (`--dist loadgroup`), so the fixture runs once.
+# Every other test is handed to whichever worker is free, one test at a time.
+ONE_WORKER_FILES = ("test_distributed.py", "test_mlflow_ui.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in ONE_WORKER_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
