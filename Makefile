@@ -36,7 +36,7 @@ PYTEST_WORKERS ?= 2
 
 test: install
 	$(BIN)/ruff check rlx tests scripts
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(ARGS)
 
 # The edit-test loop: the math, the registries, the settings, the import structure and the update
 # stages on hand-built batches (no training runs, no subprocesses but one).
