@@ -183,19 +183,26 @@ def _keys_of(path: str) -> list[str]:
         return []
 
 
+_COMPOSED: dict[tuple[str, ...], Any] = {}  # the pre-flight check composes a job once (start-up time)
+
+
 def _compose(overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """The job's config (no ``hydra`` node) as Hydra composes it; a fresh copy each call."""
+    from omegaconf import OmegaConf
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
-            from omegaconf import OmegaConf
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        from hydra import compose, initialize_config_module
+        from hydra.core.global_hydra import GlobalHydra
 
-            return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    finally:
         GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+                cfg = compose(config_name="train", overrides=overrides)
+                _COMPOSED[key] = OmegaConf.to_container(cfg, resolve=False)
+        finally:
+            GlobalHydra.instance().clear()
+    return OmegaConf.create(_COMPOSED[key])
 
 
 def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
