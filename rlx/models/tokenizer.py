@@ -41,7 +41,13 @@ def build_number_tokenizer(vocab: int, *, specials: bool = True) -> PreTrainedTo
 def tiny_gpt2_config(
     tokenizer: Any, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, **extra: Any
 ) -> GPT2Config:
-    """A GPT-2 config sized for ``tokenizer`` with dropout off (RL and reward models: no dropout)."""
+    """A GPT-2 config sized for ``tokenizer`` with dropout off (RL and reward models: no dropout).
+
+    The MLP's activation is GPT-2's tanh-approximated GELU computed by torch's one fused op
+    (``gelu_pytorch_tanh``) rather than transformers' ``gelu_new``, the same formula spelled in five
+    elementwise ops: equal to 3e-7, and a forward + backward of the bench's toy model (2 x 64, 256 x 14
+    tokens, 1 thread) 30% faster here. Saved models keep the activation they were built with."""
+    extra = {"activation_function": "gelu_pytorch_tanh", **extra}
     return GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
