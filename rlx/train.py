@@ -500,7 +500,8 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
         status = "KILLED"
         # h11: only this rank got the signal after training: no collective (only rank 0 writes; nothing
-        # of the other ranks' RNG is needed after the last step, evaluation runs on rank 0)
+        # of the other ranks' RNG is needed after the last step; the others, in the sharded final
+        # evaluation's gather, see this rank end and stop with "another rank ended")
         raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now(gather=False))) from None
     except (StopRequested, KeyboardInterrupt):
         status = "KILLED"

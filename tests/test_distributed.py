@@ -3,6 +3,8 @@
 - The same math at any world size: one fixed global batch split over 2 ranks gives, after the update
   functions of every aggregation, advantage estimator, PPO (both critics), TRPO, SFT and DPO, the
   parameters one process gives on the whole batch (tests/distributed_worker.py runs both).
+- Held-out evaluation is sharded: each of 2 ranks generates for (and scores) only its share of the
+  held-out prompts (and offline rows), and the metrics equal one process's.
 - Bad parallel settings: one line at plan time.
 
 Whole runs under torchrun (kill and resume, a failure on one rank): tests/test_distributed_runs.py.
@@ -23,7 +25,7 @@ from tests.conftest import REPO, TINY_GPT
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 sys.path.insert(0, str(REPO))
-from tests.distributed_worker import VARIANTS  # noqa: E402
+from tests.distributed_worker import EVALS, VARIANTS  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -115,6 +117,34 @@ def test_the_updates_moved_the_parameters(updates: tuple[Path, Path], data: Path
     session.release()
     after = torch.load(updates[0] / "adv_group_std.pt", weights_only=False)["params"]
     assert (after[: start.numel()] - start).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("variant", list(EVALS))
+def test_held_out_evaluation_is_sharded_and_equals_one_process(
+    updates: tuple[Path, Path], variant: str
+) -> None:
+    """15 held-out prompts: one process generates for all 15 (calls of at most 4), rank 0 for its 8 and
+    rank 1 for its 7, never all 15; the task metrics are computed from the gathered rows in the prompts'
+    order, so they are equal, not close. Offline, the held-out data's 16 rows: 8 per rank, the loss
+    summed over ranks (equal up to float32 rounding of another grouping into micro-batches)."""
+    one, two = (torch.load(d / f"{variant}.pt", weights_only=False) for d in updates)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["generated"] == [[4, 4, 4, 3]]
+    assert two["generated"] == [[4, 4], [4, 3]]
+    m1, m2 = one["metrics"], two["metrics"]
+    assert m1["eval/reward"] > 1  # the test reward: the prompt's mean / 7 plus the completion's length
+    task_keys = {"eval/reward", "eval/exact", "eval/reward_norm"}
+    assert set(m1) == set(m2)
+    for key in sorted(set(m1) & task_keys):
+        assert m2[key] == m1[key], key
+    if variant != "eval_grpo":  # the offline loop's held-out data (data.eval), micro-batches of 3
+        assert one["scored"] == [[3, 3, 3, 3, 3, 1]]
+        assert two["scored"] == [[3, 3, 2], [3, 3, 2]]
+        assert "eval/loss" in m1
+        for key in sorted(set(m1) - task_keys):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-6, abs=1e-7), key
+    else:
+        assert one["scored"] == [[]] and two["scored"] == [[], []]
 
 
 # -- bad input: one line before anything runs -------------------------------------------------------
