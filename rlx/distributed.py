@@ -439,6 +439,13 @@ def full_state_dicts(
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
+    # a parameter reached by two names (tied input and output embeddings) comes back as two copies: one
+    # tensor under both names again, so that save_pretrained stores it once, as it does unsharded
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name in weights and first[id(param)] in weights:
+            weights[name] = weights[first[id(param)]]
+        first.setdefault(id(param), name)
     optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
     return weights, optim
 
