@@ -27,6 +27,7 @@ and backward: fine for the models rlx trains on one node, a cost for large ones.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -508,3 +509,13 @@ class FullWeights:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
+
+
+def finite_everywhere(loss: Tensor, model: torch.nn.Module | None) -> bool:
+    """fsdp2: whether ``loss`` is finite on every rank, agreed before any rank goes into its backward
+    (whose reduce-scatter is a collective: a rank that skipped it for a non-finite loss would leave the
+    others waiting there). The caller stops its micro-batches when not. True without a collective
+    for an unsharded model (ddp agrees once after the micro-batches, `NonFiniteGuard.agreed_ok`)."""
+    if not fsdp_modules(model):
+        return True
+    return not agree(not math.isfinite(loss.item()))

@@ -213,13 +213,16 @@ def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
         assert alone["eval/exact"] == final["eval/exact"]
 
 
-def test_a_nonfinite_loss_on_one_rank_stops_every_rank_alike(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_alike(tmp_path: Path, parallel: str) -> None:
     """Rank 1's rewards overflow its loss; rank 0's are finite. Both ranks agree and stop with the same
-    one-line error (exit 2), well within 60 s, and torchrun reports the failure."""
+    one-line error (exit 2), well within 60 s, and torchrun reports the failure. Under fsdp2 the ranks
+    agree before the backward (its reduce-scatter is a collective rank 1 would skip)."""
     started = time.time()
     proc = launch(
         tmp_path,
         *RUN,
+        f"trainer.parallel={parallel}",
         "adv_norm=none",
         "reward=custom",
         "reward.fn=tests.rewards_for_tests:huge_on_rank_1",
