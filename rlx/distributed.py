@@ -1,8 +1,10 @@
 """Data parallelism under torchrun, from torch.distributed itself (``trainer.parallel``).
 
-``trainer.parallel``: ``auto`` (``ddp`` under torchrun, ``none`` in a plain process), ``none`` or
-``ddp``. Under ``ddp`` every rank holds a full copy of the model, samples (or reads) its share of one
-global batch, and the ranks agree on everything that decides the update:
+``trainer.parallel``: ``auto`` (``ddp`` under torchrun, ``none`` in a plain process), ``none``, ``ddp``
+or ``fsdp2`` (the policy sharded by torch's FSDP2: see the fsdp2 section below; everything here holds
+for it too, except that its sharded weights' gradients are reduced by FSDP2). Under ``ddp`` every
+rank holds a full copy of the model, samples (or reads) its share of one global batch, and the ranks
+agree on everything that decides the update:
 
 - gradients are summed over ranks after each backward pass (`all_reduce_gradients`), and every loss is
   normalised by the *global* token / sequence counts (`all_reduce_sum`), so a global batch split over
@@ -104,7 +106,7 @@ def setup(parallel: str, device: torch.device) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
             raise RlxError(
-                f"trainer.parallel=ddp on CUDA (nccl) needs a GPU for local rank {local_rank}; torch sees "
+                f"trainer.parallel={mode} on CUDA (nccl) needs a GPU for local rank {local_rank}; torch sees "
                 f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}: use trainer.device=cpu "
                 "(gloo) or fewer processes per node"
             )
@@ -114,7 +116,7 @@ def setup(parallel: str, device: torch.device) -> torch.device:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise RlxError(f"trainer.parallel=ddp supports cpu (gloo) and cuda (nccl), not {device.type}")
+        raise RlxError(f"trainer.parallel={mode} supports cpu (gloo) and cuda (nccl), not {device.type}")
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("RLX_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
         kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}

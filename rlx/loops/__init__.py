@@ -64,7 +64,7 @@ class TrainerSettings:
     on_nonfinite: str
     max_nonfinite: int
     threads: int | str = "auto"  # h12: torch's CPU threads (rlx.train.apply_threads)
-    parallel: str = "auto"  # h11: auto | none | ddp (rlx.distributed)
+    parallel: str = "auto"  # h11: auto | none | ddp | fsdp2 (rlx.distributed)
 
     def check(self) -> None:
         from transformers import SchedulerType
@@ -100,7 +100,7 @@ class TrainerSettings:
         )
         from rlx.distributed import resolve_parallel
 
-        resolve_parallel(self.parallel)  # h11: ddp without torchrun, none under it, fsdp2: refused
+        resolve_parallel(self.parallel)  # h11: ddp or fsdp2 without torchrun, none under it: refused
 
 
 @dataclass
