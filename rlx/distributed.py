@@ -337,9 +337,10 @@ def gather_rows(t: Tensor, pad: float = 0.0) -> tuple[Tensor, Rows]:
 # - checkpoints hold the full (unsharded) model and optimizer state, gathered by every rank through
 #   `torch.distributed.checkpoint.state_dict` and written by rank 0, so a checkpoint reads the same
 #   as a ddp or single-process one;
-# - the frozen reference model (a KL term, DPO) is a full, unsharded copy on every rank (it is copied
-#   before the policy is sharded): its forward then needs no collective and its checkpointed state is
-#   a plain state dict, at the cost of one full copy of the weights per rank.
+# - the frozen reference model (a KL term, DPO) and a separate critic (algo.critic=separate) are full,
+#   unsharded copies on every rank (made before the policy is sharded): their forwards then need no
+#   collective and their checkpointed states are plain state dicts (the critic's gradients are
+#   all-reduced as under ddp), at the cost of one full copy of the weights per rank each.
 
 
 def is_sharded(t: Any) -> bool:

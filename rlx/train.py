@@ -143,7 +143,7 @@ def _check_fsdp2(p: Plan) -> None:
             f"trainer.parallel=fsdp2 does not run algo.update={a.update} (TRPO's flat parameter "
             "vectors and line search need whole parameters); use trainer.parallel=ddp"
         )
-    if a.critic != "none":
+    if a.critic == "head":  # separate runs: a whole critic model per rank (rlx.distributed's fsdp2 notes)
         raise RlxError(
             f"trainer.parallel=fsdp2 with algo.critic={a.critic} is not built; use trainer.parallel=ddp"
         )

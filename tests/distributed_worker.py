@@ -69,7 +69,7 @@ VARIANTS: dict[str, list[str]] = {
 # process's results of the variant named after the prefix.
 FSDP2: dict[str, list[str]] = {
     f"fsdp2_{name}": [*VARIANTS[name], "trainer.parallel=fsdp2"]
-    for name in ("adv_group_std", "agg_token_mean", "kl_adaptive_whiten", "sft", "dpo")
+    for name in ("adv_group_std", "agg_token_mean", "kl_adaptive_whiten", "ppo_separate", "sft", "dpo")
 }
 
 # Held-out evaluation, sharded over the ranks (h11f): 15 prompts (8 + 7 on 2 ranks) in generate calls of

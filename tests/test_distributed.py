@@ -4,7 +4,8 @@
   functions of every aggregation, advantage estimator, PPO (both critics), TRPO, SFT and DPO, the
   parameters one process gives on the whole batch (tests/distributed_worker.py runs both).
 - trainer.parallel=fsdp2 (torch's FSDP2, every block and the root sharded over 2 ranks) gives the same
-  parameters as one process for GRPO (with a KL to a reference, whitening, entropy), SFT and DPO.
+  parameters as one process for GRPO (with a KL to a reference, whitening, entropy), PPO with a
+  separate critic, SFT and DPO.
 - Held-out evaluation is sharded: each of 2 ranks generates for (and scores) only its share of the
   held-out prompts (and offline rows), and the metrics equal one process's.
 - Bad parallel settings: one line at plan time.
