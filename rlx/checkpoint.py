@@ -246,7 +246,12 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
             else f"unexpected {unexpected[:3]}"
         )
         raise RlxError(f"checkpoint {path} does not fit the configured model ({what})")
-    model.load_state_dict(weights, strict=False)
+    from rlx import distributed
+
+    if distributed.fsdp_modules(model):  # h11f: fsdp2 keeps shards: every rank takes its part of the whole
+        distributed.load_full_state_dicts(model, weights)
+    else:
+        model.load_state_dict(weights, strict=False)
 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:

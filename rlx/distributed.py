@@ -1,8 +1,10 @@
 """Data parallelism under torchrun, from torch.distributed itself (``trainer.parallel``).
 
-``trainer.parallel``: ``auto`` (``ddp`` under torchrun, ``none`` in a plain process), ``none`` or
-``ddp``. Under ``ddp`` every rank holds a full copy of the model, samples (or reads) its share of one
-global batch, and the ranks agree on everything that decides the update:
+``trainer.parallel``: ``auto`` (``ddp`` under torchrun, ``none`` in a plain process), ``none``, ``ddp``
+or ``fsdp2`` (the policy sharded by torch's FSDP2: see the fsdp2 section below; everything here holds
+for it too, except that its sharded weights' gradients are reduced by FSDP2). Under ``ddp`` every
+rank holds a full copy of the model, samples (or reads) its share of one global batch, and the ranks
+agree on everything that decides the update:
 
 - gradients are summed over ranks after each backward pass (`all_reduce_gradients`), and every loss is
   normalised by the *global* token / sequence counts (`all_reduce_sum`), so a global batch split over
@@ -27,7 +29,9 @@ and backward: fine for the models rlx trains on one node, a cost for large ones.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -54,18 +58,16 @@ def under_torchrun() -> bool:
 
 
 def resolve_parallel(setting: str) -> str:
-    """``trainer.parallel`` checked and resolved: ``none`` or ``ddp``."""
+    """``trainer.parallel`` checked and resolved: ``none``, ``ddp`` or ``fsdp2``."""
     setting = str(setting)
     if setting not in PARALLEL_MODES:
         raise RlxError(f"trainer.parallel={setting!r} is not one of {', '.join(PARALLEL_MODES)}")
-    if setting == "fsdp2":
-        raise RlxError("trainer.parallel=fsdp2 is not built yet in rlx; use trainer.parallel=ddp")
     if setting == "auto":
         return "ddp" if under_torchrun() else "none"
-    if setting == "ddp" and not under_torchrun():
+    if setting in ("ddp", "fsdp2") and not under_torchrun():
         missing = [k for k in TORCHRUN_VARS if not os.environ.get(k)]
         raise RlxError(
-            f"trainer.parallel=ddp needs torchrun's environment ({', '.join(missing)} not set); start "
+            f"trainer.parallel={setting} needs torchrun's environment ({', '.join(missing)} not set); start "
             "with `torchrun --nproc_per_node=N -m rlx.cli train ...` or use trainer.parallel=none"
         )
     if setting == "none" and under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
@@ -95,7 +97,7 @@ def check_divides(world_size: int, count: int, what: str) -> None:
 
 
 def setup(parallel: str, device: torch.device) -> torch.device:
-    """Join the process group (``ddp``): gloo on CPU, nccl on CUDA with this rank on
+    """Join the process group (``ddp``, ``fsdp2``): gloo on CPU, nccl on CUDA with this rank on
     ``cuda:LOCAL_RANK``. Returns the device this rank computes on. Idempotent."""
     mode = resolve_parallel(parallel)
     if mode == "none":
@@ -104,7 +106,7 @@ def setup(parallel: str, device: torch.device) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
             raise RlxError(
-                f"trainer.parallel=ddp on CUDA (nccl) needs a GPU for local rank {local_rank}; torch sees "
+                f"trainer.parallel={mode} on CUDA (nccl) needs a GPU for local rank {local_rank}; torch sees "
                 f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}: use trainer.device=cpu "
                 "(gloo) or fewer processes per node"
             )
@@ -114,7 +116,7 @@ def setup(parallel: str, device: torch.device) -> torch.device:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise RlxError(f"trainer.parallel=ddp supports cpu (gloo) and cuda (nccl), not {device.type}")
+        raise RlxError(f"trainer.parallel={mode} supports cpu (gloo) and cuda (nccl), not {device.type}")
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("RLX_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
         kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
@@ -240,7 +242,8 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     rank (no rows here this time) takes part with zeros, so every rank calls the same collectives."""
     if not active():
         return
-    params = [p for p in params if p.requires_grad]
+    # fsdp2's sharded parameters (DTensors) had their gradients reduce-scattered (summed) in backward
+    params = [p for p in params if p.requires_grad and not is_sharded(p)]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -317,3 +320,205 @@ def gather_rows(t: Tensor, pad: float = 0.0) -> tuple[Tensor, Rows]:
     dist.all_gather(parts, padded.contiguous())
     full = torch.cat([part[:k] for part, k in zip(parts, ns)], dim=0)
     return full, Rows(sum(ns[:rank]), n, width)
+
+
+# -- fsdp2 ------------------------------------------------------------------------------------------
+# trainer.parallel=fsdp2: torch's own FSDP2 (`torch.distributed.fsdp.fully_shard`). Each transformer
+# block (the model's ``_no_split_modules`` classes) and then the root are sharded over the ranks: every
+# rank keeps 1/N of each parameter, of its gradient and of the optimizer's moments; a block's forward
+# all-gathers its parameters and its backward reduce-scatters its gradients. What differs from ddp:
+# - the gradients are reduced in backward by FSDP2 itself, as a *sum* (rlx's losses are already divided
+#   by the global counts; FSDP2's default is a mean over ranks), so `all_reduce_gradients` skips them;
+# - every forward and backward of the policy is a collective, so every rank must run as many of them
+#   as the others: sampling and held-out generation (whose lengths differ between ranks: generation
+#   stops when a rank's rows have all ended) run with the parameters unsharded once
+#   (`FullParameters`), and the algorithms whose ranks may run different numbers of passes (TRPO's
+#   line search, DAPO's extra sampling rounds) are refused at plan time;
+# - checkpoints hold the full (unsharded) model and optimizer state, gathered by every rank through
+#   `torch.distributed.checkpoint.state_dict` and written by rank 0, so a checkpoint reads the same
+#   as a ddp or single-process one;
+# - the frozen reference model (a KL term, DPO) and a separate critic (algo.critic=separate) are full,
+#   unsharded copies on every rank (made before the policy is sharded): their forwards then need no
+#   collective and their checkpointed states are plain state dicts (the critic's gradients are
+#   all-reduced as under ddp), at the cost of one full copy of the weights per rank each.
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor (an fsdp2-sharded parameter or gradient). Without torch.distributed.tensor
+    imported (no fsdp2 in this process) nothing is, and the import is not paid for."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def fsdp_modules(model: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """The modules of ``model`` that fsdp2 shards (the root last), or [] for an unsharded model."""
+    if model is None or "torch.distributed.fsdp" not in sys.modules:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    found = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [*[m for m in found if m is not model], *([model] if model in found else [])]
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """``fully_shard`` every transformer block of ``model`` (its ``_no_split_modules`` classes), then
+    the root (embeddings, final norm, LM head: one group, so tied input and output embeddings stay
+    one parameter), over every rank; gradients summed, not averaged."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for module in [m for m in model.modules() if type(m).__name__ in names and m is not model]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in fsdp_modules(model):
+        # rlx divides every loss by the global token / sequence counts, so the ranks' gradients add up;
+        # a sum also works on gloo (FSDP2's averaging reduce-scatter needs PREMUL_SUM, which gloo lacks)
+        module.set_gradient_divide_factor(1.0)  # type: ignore[operator]
+        module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+
+
+class FullParameters:
+    """fsdp2: every sharded module of ``model`` unsharded (one all-gather each, on every rank) for the
+    block, and no reshard after each forward inside it, so that the forwards inside run no collective
+    and the ranks may run different numbers of them (sampling, held-out generation). Resharded after,
+    with the blocks resharding after forward again and the root not (FSDP2's defaults). Re-entrant; a
+    no-op for an unsharded model."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.modules = fsdp_modules(model)
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+        if self.depth > 1 or not self.modules:
+            return
+        for module in self.modules:
+            module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+            module.unshard()  # type: ignore[operator]
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth > 0 or not self.modules:
+            return
+        root = self.modules[-1]
+        for module in self.modules:
+            module.reshard()  # type: ignore[operator]
+            module.set_reshard_after_forward(module is not root, recurse=False)  # type: ignore[operator]
+
+
+def shard_policy(policy: Any, device: torch.device, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Shard ``policy.model`` in place (`shard_model`) after the loop has built it, its reference copy
+    and its optimizers; each optimizer's parameters become the sharded ones (nothing has been stepped,
+    so no state moves); ``policy.generate`` runs with the parameters unsharded (`FullParameters`)."""
+    model = policy.model
+    before = {id(p): name for name, p in model.named_parameters()}
+    shard_model(model, device)
+    after = dict(model.named_parameters())
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
+        optimizer.state.clear()  # empty before the first step; keyed by the old parameters otherwise
+    gathered = FullParameters(model)
+    generate = policy.generate
+
+    def generate_unsharded(*args: Any, **kwargs: Any) -> Any:
+        with gathered:
+            return generate(*args, **kwargs)
+
+    policy.generate = generate_unsharded  # this instance only: rollouts and evaluation both go through it
+
+
+def full_state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """fsdp2: the full model and optimizer state dicts, gathered by every rank (collectives), on rank 0's
+    CPU (the other ranks get empty dicts): what a checkpoint holds, as an unsharded run writes it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    # a parameter reached by two names (tied input and output embeddings) comes back as two copies: one
+    # tensor under both names again, so that save_pretrained stores it once, as it does unsharded
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name in weights and first[id(param)] in weights:
+            weights[name] = weights[first[id(param)]]
+        first.setdefault(id(param), name)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return weights, optim
+
+
+def load_full_state_dicts(
+    model: torch.nn.Module,
+    weights: dict[str, Tensor] | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    optim_state: dict[str, Any] | None = None,
+) -> None:
+    """fsdp2: load full (unsharded) state dicts, read by every rank, into the sharded model / optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if weights is not None:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(
+            model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+        )
+
+
+@torch.no_grad()
+def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+    """``clip_grad_norm_`` over parameters of which some are fsdp2-sharded (DTensor gradients: their norm
+    is reduced over ranks by DTensor) and some are not (a value head, already all-reduced): the global
+    norm of all of them, then the same scaling, max_norm / (norm + 1e-6) capped at 1, as torch's."""
+    from torch.nn.utils import get_total_norm
+
+    sharded = [p.grad for p in params if p.grad is not None and is_sharded(p.grad)]
+    plain = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
+    parts = []
+    if sharded:
+        norm = get_total_norm(sharded)
+        parts.append(norm.full_tensor() if is_sharded(norm) else norm)
+    if plain:
+        parts.append(get_total_norm(plain))
+    if not parts:
+        return 0.0
+    total = float(torch.linalg.vector_norm(torch.stack([x.float().cpu() for x in parts])))
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    for g in [*sharded, *plain]:
+        g.mul_(coef)
+    return total
+
+
+class FullWeights:
+    """fsdp2, on rank 0: ``policy`` as a checkpoint writes it, with its gathered full weights (every other
+    attribute is the policy's own). ``save`` is the policy's ``save_pretrained`` given those weights."""
+
+    def __init__(self, policy: Any, weights: dict[str, Tensor]) -> None:
+        self.policy, self.weights = policy, weights
+
+    def save(self, path: Any) -> None:
+        self.policy.model.save_pretrained(str(path), state_dict=self.weights, safe_serialization=True)
+        self.policy.tokenizer.save_pretrained(str(path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+
+def finite_everywhere(loss: Tensor, model: torch.nn.Module | None) -> bool:
+    """fsdp2: whether ``loss`` is finite on every rank, agreed before any rank goes into its backward
+    (whose reduce-scatter is a collective: a rank that skipped it for a non-finite loss would leave the
+    others waiting there). The caller stops its micro-batches when not. True without a collective
+    for an unsharded model (ddp agrees once after the micro-batches, `NonFiniteGuard.agreed_ok`)."""
+    if not fsdp_modules(model):
+        return True
+    return not agree(not math.isfinite(loss.item()))

@@ -107,13 +107,68 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
 def _check_world(p: Plan) -> None:
     """h11: under torchrun (trainer.parallel=ddp) the ranks split each global batch evenly: whole
     prompt groups online, rows of algo.batch_size offline."""
-    if distributed.resolve_parallel(p.trainer.parallel) != "ddp":
+    mode = distributed.resolve_parallel(p.trainer.parallel)
+    if mode == "none":
         return
+    if mode == "fsdp2":
+        _check_fsdp2(p)
     _, world_size, _ = distributed.env_world()
     if p.loop == "offline":
         distributed.check_divides(world_size, int(p.settings.algo.batch_size), "algo.batch_size")
     else:
         distributed.check_divides(world_size, p.trainer.prompts_per_step, "trainer.prompts_per_step")
+
+
+def _check_fsdp2(p: Plan) -> None:
+    """h11f: what trainer.parallel=fsdp2 does not run, one line each. Under fsdp2 every forward and
+    backward of the policy is a collective, so the ranks must run equally many of them."""
+    a, c = p.settings.algo, p.cfg
+    if int(((c["model"].get("lora") or {}).get("r")) or 0) > 0:
+        raise RlxError(
+            "trainer.parallel=fsdp2 with LoRA (model.lora.r > 0) is not built; use trainer.parallel=ddp"
+        )
+    if p.loop == "offline":
+        if p.settings.feed.inputs not in ("completions", "pairs", "scored_pairs"):
+            raise RlxError(
+                f"trainer.parallel=fsdp2 is built for sft and the dpo family, not "
+                f"algo={c['algo'].get('name')}; use trainer.parallel=ddp"
+            )
+        if a.packing:
+            raise RlxError(
+                "trainer.parallel=fsdp2 with algo.packing=true is not built; use trainer.parallel=ddp"
+            )
+        return
+    if a.update != "sgd":  # trpo: flat-vector conjugate gradient and line search over whole parameters
+        raise RlxError(
+            f"trainer.parallel=fsdp2 does not run algo.update={a.update} (TRPO's flat parameter "
+            "vectors and line search need whole parameters); use trainer.parallel=ddp"
+        )
+    if a.critic == "head":  # separate runs: a whole critic model per rank (rlx.distributed's fsdp2 notes)
+        raise RlxError(
+            f"trainer.parallel=fsdp2 with algo.critic={a.critic} is not built; use trainer.parallel=ddp"
+        )
+    if a.dynamic_sampling:
+        raise RlxError(
+            "trainer.parallel=fsdp2 with algo.dynamic_sampling=true is not built (the ranks keep "
+            "different numbers of groups, so run different numbers of passes); use trainer.parallel=ddp"
+        )
+
+
+def _shard_fsdp2(p: Plan, trainer: Trainer) -> None:
+    """h11f: trainer.parallel=fsdp2: shard the built policy and point its optimizer at the shards (the
+    reference copy, made by the loop, stays whole: `rlx.distributed`'s fsdp2 notes)."""
+    if distributed.resolve_parallel(p.trainer.parallel) != "fsdp2":
+        return
+    items = getattr(trainer, "num_items", None)
+    batch = int(getattr(p.settings.algo, "batch_size", 0) or 0)
+    if p.loop == "offline" and items is not None and batch and items % batch:
+        raise RlxError(
+            f"trainer.parallel=fsdp2: the {items} training rows are not a multiple of "
+            f"algo.batch_size={batch} (an epoch's last, smaller batch would give the ranks different "
+            "numbers of passes); use data.limit or trainer.parallel=ddp"
+        )
+    optimizer = trainer.optimizer
+    distributed.shard_policy(trainer.policy, p.device, [optimizer] if optimizer is not None else [])
 
 
 # h12: trainer.threads ---------------------------------------------------------------------------
@@ -208,15 +263,16 @@ def _save(
     ``rng_ranks``, gathered when ``gather``), the other ranks write nothing."""
     rank, world_size = distributed.world()
     rngs = distributed.gather_objects(rng_state()) if gather else None
+    policy, optimizer_state = _savable(trainer)
     if rank != 0:
         return run_dir / "checkpoints" / f"step_{trainer.step:06d}"
     return save_checkpoint(
         run_dir / "checkpoints",
         trainer.step,
-        trainer.policy,
+        policy,
         config_yaml=config_yaml,
         trainer_state={  # a loop without an optimizer (algo=trpo) stores None
-            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
             "loop": trainer.state_dict(),
             "mlflow_run_id": tracker.run_id,
@@ -225,6 +281,17 @@ def _save(
         },
         keep=int(p.cfg["trainer"]["keep_checkpoints"]),
     )
+
+
+def _savable(trainer: Trainer) -> tuple[Any, dict[str, Any] | None]:
+    """What a checkpoint writes: the policy and its optimizer's state dict. h11f: under fsdp2 both are
+    gathered whole first (a collective: every rank calls this), so rank 0 writes what one process would."""
+    model = getattr(trainer.policy, "model", None)
+    if distributed.fsdp_modules(model):
+        assert model is not None
+        weights, optimizer_state = distributed.full_state_dicts(model, trainer.optimizer)
+        return distributed.FullWeights(trainer.policy, weights), optimizer_state
+    return trainer.policy, trainer.optimizer.state_dict() if trainer.optimizer is not None else None
 
 
 class StopNow(Exception):
@@ -330,7 +397,11 @@ def _restore(trainer: Trainer, checkpoint: Path, state: dict[str, Any]) -> None:
     else:
         load_model_weights(policy.model, checkpoint)  # type: ignore[attr-defined]
     try:
-        if trainer.optimizer is not None:  # algo=trpo has none
+        model = getattr(policy, "model", None)
+        if trainer.optimizer is not None and distributed.fsdp_modules(model):  # h11f: a full state dict
+            assert model is not None
+            distributed.load_full_state_dicts(model, None, trainer.optimizer, state["optimizer"])
+        elif trainer.optimizer is not None:  # algo=trpo has none
             trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.scheduler is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
@@ -460,6 +531,7 @@ def _build_locked(
             stop_signal=signals.pending,
         )
         trainer = LOOPS.get(p.loop).fn(ctx)
+        _shard_fsdp2(p, trainer)  # h11f: trainer.parallel=fsdp2
         if checkpoint is not None and state is not None:
             _restore(trainer, checkpoint, state)
             log.info(f"resumed from {checkpoint} at step {trainer.step}")
@@ -496,8 +568,9 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
                 raise StopNow(session.signals.signum)
             final = trainer.evaluate()
             tracker.log_metrics(final, step=trainer.step)
+            saved, _ = _savable(trainer)  # h11f: fsdp2 gathers the whole weights on every rank
             if rank == 0:
-                _finish(session)
+                _finish(session, saved)
         status = "FINISHED"
     except NonFiniteError as exc:
         path = _save_for_inspection(session)
@@ -506,7 +579,8 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
     except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
         status = "KILLED"
         # h11: only this rank got the signal after training: no collective (only rank 0 writes; nothing
-        # of the other ranks' RNG is needed after the last step, evaluation runs on rank 0)
+        # of the other ranks' RNG is needed after the last step; the others, in the sharded final
+        # evaluation's gather, see this rank end and stop with "another rank ended")
         raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now(gather=False))) from None
     except (StopRequested, KeyboardInterrupt):
         status = "KILLED"
@@ -529,17 +603,18 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
 
 def _save_for_inspection(session: Session) -> Path:
     path = session.run_dir / "checkpoints" / f"nonfinite_step_{session.trainer.step:06d}"
+    saved, _ = _savable(session.trainer)  # h11f: fsdp2 gathers the whole weights on every rank
     if distributed.world()[0] == 0:  # h11: every rank stopped at the same update; rank 0 writes
-        save_model_dir(path, session.trainer.policy, session.config_yaml)
+        save_model_dir(path, saved, session.config_yaml)
     return path
 
 
-def _finish(session: Session) -> None:
+def _finish(session: Session, saved: Any) -> None:
     """Final model, reward curve (when there are iterations to draw: h12, a run with trainer.steps=0
     does not pay for importing matplotlib) and artifacts."""
     c, run_dir, tracker = session.plan.cfg, session.run_dir, session.tracker
     final_dir = run_dir / "final"
-    save_model_dir(final_dir, session.trainer.policy, session.config_yaml)
+    save_model_dir(final_dir, saved, session.config_yaml)
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
         tracker.log_artifact(run_dir / name)
     if session.trainer.step > 0:

@@ -65,6 +65,26 @@ VARIANTS: dict[str, list[str]] = {
     "sft": [*BASE, "algo=sft", "algo.batch_size=8", "trainer.micro_batch_size=3"],
     "dpo": [*BASE, "algo=dpo", "algo.batch_size=8", "trainer.micro_batch_size=3"],
 }
+# The same updates with trainer.parallel=fsdp2 (h11f; under torchrun only): compared with the single
+# process's results of the variant named after the prefix.
+FSDP2: dict[str, list[str]] = {
+    f"fsdp2_{name}": [*VARIANTS[name], "trainer.parallel=fsdp2"]
+    for name in ("adv_group_std", "agg_token_mean", "kl_adaptive_whiten", "ppo_separate", "sft", "dpo")
+}
+
+# Held-out evaluation, sharded over the ranks (h11f): 15 prompts (8 + 7 on 2 ranks) in generate calls of
+# at most 4; offline, the held-out data's loss too (16 rows, micro-batches of 3).
+EVAL = [
+    "task.eval_size=15",
+    "eval.batch_size=4",
+    "reward=custom",
+    "reward.fn=tests.rewards_for_tests:prompt_mean_plus_length",
+]
+EVALS: dict[str, list[str]] = {
+    "eval_grpo": [*ONLINE, *EVAL, "algo=grpo"],
+    "eval_sft": [*BASE, *EVAL, "algo=sft", "algo.batch_size=8", "trainer.micro_batch_size=3"],
+    "eval_dpo": [*BASE, *EVAL, "algo=dpo", "algo.batch_size=8", "trainer.micro_batch_size=3"],
+}
 
 
 def compose_cfg(overrides: list[str]):
@@ -107,25 +127,28 @@ def global_batch(trainer, rank: int, world_size: int):
 
 
 def flat_params(trainer) -> torch.Tensor:
+    """Every trained parameter, whole (fsdp2's shards gathered: every rank calls it)."""
     params = list(trainer.policy.parameters())
     if getattr(trainer, "critic", None) is not None:
         params += [p for p in trainer.critic.own_parameters() if all(p is not q for q in params)]
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
+    whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+    return torch.cat([p.detach().reshape(-1).float() for p in whole])
 
 
 def run(name: str, out: Path, data: Path) -> None:
     from rlx import distributed
     from rlx.train import build
 
-    overrides = list(VARIANTS[name])
-    if name in ("sft", "dpo"):
-        kind = "sft" if name == "sft" else "pairs"
+    overrides = list(FSDP2[name] if name in FSDP2 else VARIANTS[name])
+    base = name.removeprefix("fsdp2_")
+    if base in ("sft", "dpo"):
+        kind = "sft" if base == "sft" else "pairs"
         overrides.append(f"data.train={data / f'{kind}_train.jsonl'}")
     session = build(compose_cfg(overrides), run_dir=out / "runs" / name)
     trainer = session.trainer
     rank, world_size = distributed.world()
     result: dict[str, object] = {"world_size": world_size}
-    if name in ("sft", "dpo"):
+    if base in ("sft", "dpo"):
         metrics = [trainer.train_step(trainer.next_batch()) for _ in range(2)]
     else:
         batch, lengths = global_batch(trainer, rank, world_size)
@@ -146,12 +169,60 @@ def run(name: str, out: Path, data: Path) -> None:
         torch.save(result, out / f"{name}.pt")
 
 
+def run_eval(name: str, out: Path, data: Path) -> None:
+    """The loop's own ``evaluate()`` after building; each rank counts the held-out prompts it generated
+    for and the held-out rows it scored (a wrapper that counts and calls through)."""
+    from rlx import distributed
+    from rlx.train import build
+
+    overrides = list(EVALS[name])
+    if name != "eval_grpo":
+        kind = "sft" if name == "eval_sft" else "pairs"
+        overrides += [
+            f"data.train={data / f'{kind}_train.jsonl'}",
+            f"data.eval={data / f'{kind}_heldout.jsonl'}",
+        ]
+    session = build(compose_cfg(overrides), run_dir=out / "runs" / name)
+    trainer = session.trainer
+    generated: list[int] = []
+    scored: list[int] = []
+    generate = trainer.policy.generate
+
+    def counting_generate(ids, mask, *args, **kwargs):
+        generated.append(int(ids.shape[0]))
+        return generate(ids, mask, *args, **kwargs)
+
+    trainer.policy.generate = counting_generate
+    feed = getattr(trainer, "feed", None)
+    if feed is not None:
+        micro_loss = feed.micro_loss
+
+        def counting_micro_loss(data, rows, *args, **kwargs):
+            scored.append(len(rows))
+            return micro_loss(data, rows, *args, **kwargs)
+
+        feed.micro_loss = counting_micro_loss
+    metrics = trainer.evaluate()
+    result = {
+        "world_size": distributed.world()[1],
+        "metrics": metrics,
+        "generated": distributed.gather_objects(generated),
+        "scored": distributed.gather_objects(scored),
+    }
+    session.tracker.close("FINISHED")
+    session.release()
+    if distributed.world()[0] == 0:
+        torch.save(result, out / f"{name}.pt")
+
+
 def main() -> None:
     out, data = Path(sys.argv[1]), Path(sys.argv[2])
-    names = sys.argv[3:] or list(VARIANTS)
+    names = sys.argv[3:] or [*VARIANTS, *EVALS, *FSDP2]
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        run(name, out, data)
+        if name in FSDP2 and "WORLD_SIZE" not in os.environ:  # fsdp2 needs torchrun
+            continue
+        (run_eval if name in EVALS else run)(name, out, data)
     from rlx.distributed import shutdown
 
     shutdown()

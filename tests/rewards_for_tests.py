@@ -51,3 +51,9 @@ def raises_on_rank_1(prompts, completions):
     if os.environ.get("RANK") == "1":
         raise ValueError("a reward bug on rank 1")
     return [0.0 for _ in completions]
+
+
+def prompt_mean_plus_length(prompts, completions):
+    """Varies from prompt to prompt even when an untrained model's greedy completions are alike: the
+    prompt's mean number over 7 (a fraction, so the order of a sum shows) plus the completion's length."""
+    return [sum(p) / (7.0 * len(p)) + len(c) for p, c in zip(prompts, completions)]

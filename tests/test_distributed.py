@@ -3,6 +3,11 @@
 - The same math at any world size: one fixed global batch split over 2 ranks gives, after the update
   functions of every aggregation, advantage estimator, PPO (both critics), TRPO, SFT and DPO, the
   parameters one process gives on the whole batch (tests/distributed_worker.py runs both).
+- trainer.parallel=fsdp2 (torch's FSDP2, every block and the root sharded over 2 ranks) gives the same
+  parameters as one process for GRPO (with a KL to a reference, whitening, entropy), PPO with a
+  separate critic, SFT and DPO.
+- Held-out evaluation is sharded: each of 2 ranks generates for (and scores) only its share of the
+  held-out prompts (and offline rows), and the metrics equal one process's.
 - Bad parallel settings: one line at plan time.
 
 Whole runs under torchrun (kill and resume, a failure on one rank): tests/test_distributed_runs.py.
@@ -23,7 +28,7 @@ from tests.conftest import REPO, TINY_GPT
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 sys.path.insert(0, str(REPO))
-from tests.distributed_worker import VARIANTS  # noqa: E402
+from tests.distributed_worker import EVALS, FSDP2, VARIANTS  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -104,6 +109,25 @@ def test_two_ranks_give_the_one_process_update(updates: tuple[Path, Path], varia
         assert two["kl_coef"] == pytest.approx(one["kl_coef"], rel=1e-9)
 
 
+@pytest.mark.parametrize("variant", list(FSDP2))
+def test_fsdp2_on_two_ranks_gives_the_one_process_update(updates: tuple[Path, Path], variant: str) -> None:
+    """The policy sharded by FSDP2 (its gradients reduce-scattered as sums in backward, the global norm
+    clipped over the shards, sampling with the parameters gathered): after two updates its gathered
+    parameters equal the single process's (the variant without the fsdp2_ prefix) to 1e-6."""
+    base = variant.removeprefix("fsdp2_")
+    one = torch.load(updates[0] / f"{base}.pt", weights_only=False)
+    two = torch.load(updates[1] / f"{variant}.pt", weights_only=False)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["params"].shape == two["params"].shape
+    assert (one["params"] - two["params"]).abs().max().item() < 1e-6
+    for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
+        for key in EXACT:
+            if key in m1:
+                assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    if "kl_coef" in one:
+        assert two["kl_coef"] == pytest.approx(one["kl_coef"], rel=1e-9)
+
+
 def test_the_updates_moved_the_parameters(updates: tuple[Path, Path], data: Path) -> None:
     """The equality above is not that of two untouched models: the update moved every variant."""
     from rlx.train import build
@@ -115,6 +139,34 @@ def test_the_updates_moved_the_parameters(updates: tuple[Path, Path], data: Path
     session.release()
     after = torch.load(updates[0] / "adv_group_std.pt", weights_only=False)["params"]
     assert (after[: start.numel()] - start).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("variant", list(EVALS))
+def test_held_out_evaluation_is_sharded_and_equals_one_process(
+    updates: tuple[Path, Path], variant: str
+) -> None:
+    """15 held-out prompts: one process generates for all 15 (calls of at most 4), rank 0 for its 8 and
+    rank 1 for its 7, never all 15; the task metrics are computed from the gathered rows in the prompts'
+    order, so they are equal, not close. Offline, the held-out data's 16 rows: 8 per rank, the loss
+    summed over ranks (equal up to float32 rounding of another grouping into micro-batches)."""
+    one, two = (torch.load(d / f"{variant}.pt", weights_only=False) for d in updates)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["generated"] == [[4, 4, 4, 3]]
+    assert two["generated"] == [[4, 4], [4, 3]]
+    m1, m2 = one["metrics"], two["metrics"]
+    assert m1["eval/reward"] > 1  # the test reward: the prompt's mean / 7 plus the completion's length
+    task_keys = {"eval/reward", "eval/exact", "eval/reward_norm"}
+    assert set(m1) == set(m2)
+    for key in sorted(set(m1) & task_keys):
+        assert m2[key] == m1[key], key
+    if variant != "eval_grpo":  # the offline loop's held-out data (data.eval), micro-batches of 3
+        assert one["scored"] == [[3, 3, 3, 3, 3, 1]]
+        assert two["scored"] == [[3, 3, 2], [3, 3, 2]]
+        assert "eval/loss" in m1
+        for key in sorted(set(m1) - task_keys):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-6, abs=1e-7), key
+    else:
+        assert one["scored"] == [[]] and two["scored"] == [[], []]
 
 
 # -- bad input: one line before anything runs -------------------------------------------------------
@@ -132,7 +184,14 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
         (
             ["trainer.parallel=fsdp2"],
             None,
-            r"trainer.parallel=fsdp2 is not built yet in rlx; use trainer.parallel=ddp",
+            r"trainer.parallel=fsdp2 needs torchrun's environment \(RANK, WORLD_SIZE",
+        ),
+        (["trainer.parallel=fsdp2", "algo=trpo"], "2", r"fsdp2 does not run algo.update=trpo \(TRPO's flat"),
+        (["trainer.parallel=fsdp2", "algo=ppo"], "2", r"trainer.parallel=fsdp2 with algo.critic=head is not"),
+        (
+            ["trainer.parallel=fsdp2", "algo=dapo"],
+            "2",
+            r"trainer.parallel=fsdp2 with algo.dynamic_sampling=true is not built",
         ),
         (["trainer.parallel=zero3"], None, r"trainer.parallel='zero3' is not one of auto, none, ddp, fsdp2"),
         ([], "3", r"trainer.prompts_per_step=4 is not divisible by the world size 3"),

@@ -1,8 +1,9 @@
 """Whole runs under torchrun (trainer.parallel=ddp): real processes, gloo, 2 ranks, one thread each.
 
-- `torchrun ... -m rlx.cli train` for grpo and dpo: one run directory, one set of checkpoints,
-  metrics.jsonl once; SIGKILL after a checkpoint and the same command again reproduce the
-  uninterrupted run's metrics.jsonl; a 2-rank checkpoint resumed by one process is refused in one line.
+- `torchrun ... -m rlx.cli train` for grpo, dpo and grpo with trainer.parallel=fsdp2: one run
+  directory, one set of checkpoints, metrics.jsonl once; SIGKILL after a checkpoint and the same
+  command again reproduce the uninterrupted run's metrics.jsonl; a 2-rank checkpoint resumed by one
+  process is refused in one line; fsdp2's final/ evaluated by one process equals the sharded evaluation.
 - A non-finite loss, an exception, SIGTERM on one rank only: every rank ends alike, within 60 s.
 
 (A file of its own, apart from tests/test_distributed.py, so that `make test`'s two workers share them.)
@@ -51,7 +52,20 @@ RUN = [
 ]
 
 
+FSDP2_REWARD = "tests.rewards_for_tests:prompt_mean_plus_length"  # varies from prompt to prompt
+
+
 def args_for(algo: str, data: Path) -> list[str]:
+    if algo == "grpo-fsdp2":  # h11f: the policy sharded by FSDP2, a KL to the (whole) reference
+        return [
+            *RUN,
+            "algo=grpo",
+            "kl=k3",
+            "trainer.eval_every=3",
+            "trainer.parallel=fsdp2",
+            "reward=custom",
+            f"reward.fn={FSDP2_REWARD}",
+        ]
     if algo == "dpo":
         return [*RUN, "algo=dpo", "algo.batch_size=8", f"data.train={data / 'pairs_train.jsonl'}"]
     return [*RUN, f"algo={algo}"]
@@ -122,7 +136,7 @@ def metrics(run_dir: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+@pytest.mark.parametrize("algo", ["grpo", "dpo", "grpo-fsdp2"])
 def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
     tmp_path: Path, data: Path, algo: str
 ) -> None:
@@ -168,15 +182,47 @@ def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
     assert code == 0, err[-3000:]
     assert "resumed from" in err
     assert metrics(run) == reference_rows
+    if algo == "grpo-fsdp2":
+        # the sharded run wrote whole weights and a whole optimizer state (names, full shapes), which a
+        # plain process reads: the checkpoint's Adam moments, and `rlx eval` of final/, whose held-out
+        # metrics in one process equal the run's final evaluation, sharded over the 2 ranks
+        assert any("eval/exact" in r for r in reference_rows[:-1])  # a periodic, sharded evaluation too
+        adam = state["optimizer"]["state"]["transformer.wte.weight"]["exp_avg"]
+        assert adam.shape == (14, 32) and adam.abs().sum() > 0
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlx.cli",
+                "eval",
+                str(run / "final"),
+                "--json",
+                "--reward-fn",
+                FSDP2_REWARD,
+            ],
+            cwd=cut,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        alone = json.loads(res.stdout.strip().splitlines()[-1])
+        final = next(r for r in reference_rows if r["step"] == 6 and "eval/exact" in r)
+        assert final["eval/reward"] > 1 and alone["eval/reward"] == final["eval/reward"]
+        assert alone["eval/exact"] == final["eval/exact"]
 
 
-def test_a_nonfinite_loss_on_one_rank_stops_every_rank_alike(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_alike(tmp_path: Path, parallel: str) -> None:
     """Rank 1's rewards overflow its loss; rank 0's are finite. Both ranks agree and stop with the same
-    one-line error (exit 2), well within 60 s, and torchrun reports the failure."""
+    one-line error (exit 2), well within 60 s, and torchrun reports the failure. Under fsdp2 the ranks
+    agree before the backward (its reduce-scatter is a collective rank 1 would skip)."""
     started = time.time()
     proc = launch(
         tmp_path,
         *RUN,
+        f"trainer.parallel={parallel}",
         "adv_norm=none",
         "reward=custom",
         "reward.fn=tests.rewards_for_tests:huge_on_rank_1",

@@ -64,7 +64,7 @@ class TrainerSettings:
     on_nonfinite: str
     max_nonfinite: int
     threads: int | str = "auto"  # h12: torch's CPU threads (rlx.train.apply_threads)
-    parallel: str = "auto"  # h11: auto | none | ddp (rlx.distributed)
+    parallel: str = "auto"  # h11: auto | none | ddp | fsdp2 (rlx.distributed)
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights): Policy.autocast
     reference_dtype: str = "fp32"  # fp32 | bf16: the frozen reference's weights (Policy.frozen_copy)
 
@@ -112,7 +112,7 @@ class TrainerSettings:
         )
         from rlx.distributed import resolve_parallel
 
-        resolve_parallel(self.parallel)  # h11: ddp without torchrun, none under it, fsdp2: refused
+        resolve_parallel(self.parallel)  # h11: ddp or fsdp2 without torchrun, none under it: refused
         for key, value in (("precision", self.precision), ("reference_dtype", self.reference_dtype)):
             require(value in ("fp32", "bf16"), f"trainer.{key} must be fp32 or bf16, got {value!r}")
 

@@ -38,7 +38,7 @@ from rlx import distributed
 from rlx.data import DataSettings, read_examples
 from rlx.data.encode import Encoded, encode_rows, pack_rows
 from rlx.errors import require
-from rlx.evaluate import evaluate
+from rlx.evaluate import evaluate, shard_bounds
 from rlx.loops import LOOPS, LoopContext, Plan
 from rlx.loops.offline_feeds import FEEDS, Feed, Items, offline_step
 from rlx.loops.online_settings import OnlineAlgoSettings
@@ -300,7 +300,11 @@ class OfflineTrainer:
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def eval_data_metrics(self) -> dict[str, float]:
-        """The loss and its metrics on the held-out data (``data.eval``, never packed)."""
+        """The loss and its metrics on the held-out data (``data.eval``, never packed).
+
+        h11: sharded under torchrun: each rank scores its contiguous share of the rows, and the sums
+        (each metric times its micro-batch's normaliser, and the normalisers) are summed over ranks, so
+        the result is the whole held-out set's, up to float rounding (another grouping into micro-batches)."""
         data = self.eval_data
         if data is None:
             return {}
@@ -309,19 +313,24 @@ class OfflineTrainer:
         size = self.t.micro_batch_size or self.algo.batch_size
         sums: dict[str, float] = defaultdict(float)
         total_norm = 0.0
-        for start in range(0, len(data), size):
-            rows = list(range(start, min(start + size, len(data))))
-            norm = max(self.feed.norm(data, rows), 1.0)
-            loss, metrics = self.feed.micro_loss(data, rows, cache, norm)
-            sums["loss"] += loss.item() * norm
-            for k, v in metrics.items():
-                sums[k] += v * norm
-            total_norm += norm
-        return self.feed.eval_metrics({f"eval/{k}": v / total_norm for k, v in sums.items()})
+        lo, hi = shard_bounds(len(data), self.rank, self.world_size)
+        with distributed.FullParameters(self.feed.model):  # fsdp2: no collective per forward (h11f)
+            for start in range(lo, hi, size):
+                rows = list(range(start, min(start + size, hi)))
+                norm = max(self.feed.norm(data, rows), 1.0)
+                loss, metrics = self.feed.micro_loss(data, rows, cache, norm)
+                sums["loss"] += loss.item() * norm
+                for k, v in metrics.items():
+                    sums[k] += v * norm
+                total_norm += norm
+        totals = distributed.all_reduce_dict(
+            {**sums, "__norm__": total_norm}, keys=[*distributed.union_keys(sums), "__norm__"]
+        )
+        total_norm = totals.pop("__norm__")
+        return self.feed.eval_metrics({f"eval/{k}": v / total_norm for k, v in totals.items()})
 
     def evaluate(self) -> dict[str, float]:
-        if self.rank != 0:  # h11: held-out evaluation runs once, on rank 0; the others wait for it
-            return {}
+        """h11: every rank calls it; both evaluations are sharded over the ranks (each scores its share)."""
         metrics = self.eval_data_metrics()
         if self.task_eval and self.reward is not None:
             task_metrics, _ = evaluate(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rlx.data.encode import Encoded, PackedRow, pad_batch
-from rlx.distributed import all_reduce_dict, all_reduce_sum, union_keys
+from rlx.distributed import all_reduce_dict, all_reduce_sum, finite_everywhere, union_keys
 from rlx.loops import chunks
 from rlx.loops.optim import optimizer_step
 from rlx.losses.aggregation import token_mean
@@ -355,8 +355,11 @@ def offline_step(
     try:
         for part in chunks(rows, micro_batch_size) if rows else ():
             loss, metrics = feed.micro_loss(data, part, cache, norm)
+            everywhere = finite_everywhere(loss, feed.model)  # h11f: fsdp2 agrees before backward
             if not math.isfinite(loss.item()):
                 bad = (loss.item(), "loss")
+                break
+            if not everywhere:  # another rank's loss is not finite: stop here too (agreed below)
                 break
             loss.backward()
             total += loss.item()

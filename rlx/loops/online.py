@@ -165,8 +165,7 @@ class OnlineTrainer:
             self._critic_pair[1].load_state_dict(state["critic_scheduler"])
 
     def evaluate(self) -> dict[str, float]:
-        if self.rank != 0:  # h11: held-out evaluation runs once, on rank 0; the others wait for it
-            return {}
+        # h11: every rank calls it; each generates for its share of the held-out prompts (rlx.evaluate)
         metrics, _ = evaluate(
             self.policy,
             self.task,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from rlx.distributed import all_reduce_gradients
+from rlx.distributed import agree, all_reduce_gradients, clip_sharded_gradients, is_sharded
 from rlx.errors import NonFiniteError
 from rlx.registry import instantiate_checked
 
@@ -67,12 +67,17 @@ def optimizer_step(
     """
     max_norm = grad_clip if grad_clip else float("inf")
     # h11: under trainer.parallel=ddp the ranks' accumulated gradients are summed here (each loss is
-    # already divided by the global counts), so the norms, the guard's decision and the step agree
+    # already divided by the global counts), so the norms, the guard's decision and the step agree;
+    # under fsdp2 the sharded parameters' gradients were summed in backward (FSDP2's reduce-scatter)
+    # and only the unsharded ones (a value head) are all-reduced here
     all_reduce_gradients(p for optimizer, _ in optimizers for p in optimizer_params(optimizer))
     norms = []
     for optimizer, _ in optimizers:
         params = [p for p in optimizer_params(optimizer) if p.grad is not None]
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        if any(is_sharded(p) for p in params):  # fsdp2: the global norm of the shards (and the rest)
+            norms.append(clip_sharded_gradients(params, max_norm))
+        else:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     if not all(guard.ok(norm, name, step) for norm, name in zip(norms, names)):
         zero_grad(optimizers)
         return None
@@ -89,9 +94,13 @@ def check_finite_weights(params: Sequence[torch.nn.Parameter], step: int) -> Non
     """Raise `NonFiniteError` when a weight is NaN or inf after an optimizer step."""
     if not params:
         return
-    norms = torch._foreach_norm([p.detach() for p in params])  # one fused pass, no big copy
+    sharded = any(is_sharded(p) for p in params)
+    # fsdp2: each rank checks its own shards, and the ranks agree (one raising alone would leave the
+    # others waiting in the next collective)
+    local = [p.detach().to_local() if is_sharded(p) else p.detach() for p in params]
+    norms = torch._foreach_norm(local)  # one fused pass, no big copy
     total = torch.stack([n.float() for n in norms]).sum()
-    if not torch.isfinite(total):
+    if agree(not bool(torch.isfinite(total))) if sharded else not torch.isfinite(total):
         raise NonFiniteError(
             f"the weights became non-finite after the optimizer step of iteration {step + 1} (the "
             "gradient was finite: is trainer.lr too large?)"
