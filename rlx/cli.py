@@ -427,7 +427,7 @@ def _torchrun_overrides(overrides: list[str]) -> list[str]:
 
     cfg = _compose(overrides)
     p = plan(cfg)
-    if distributed.resolve_parallel(p.trainer.parallel) == "none":  # h11f hook: ddp and fsdp2
+    if distributed.resolve_parallel(p.trainer.parallel) == "none":  # ddp and fsdp2
         return []
     distributed.setup(p.trainer.parallel, p.device)
     rank, _ = distributed.world()

@@ -60,7 +60,7 @@ def run_eval(ns: argparse.Namespace) -> dict[str, float]:
     model_dir = resolve_model_dir(Path(ns.path))
     cfg = read_dir_config(model_dir, reward_fn=getattr(ns, "reward_fn", None))  # builds only rlx's own
     cfg.setdefault("trainer", {})["device"] = ns.device
-    cfg["trainer"]["parallel"] = "auto"  # h11f hook: a model a ddp/fsdp2 run saved, evaluated in one process
+    cfg["trainer"]["parallel"] = "auto"  # a model a ddp/fsdp2 run saved, evaluated in one process
     p = plan(cfg)  # re-checks the run's config (and its task) on this machine
     reward = REWARDS.resolve(p.cfg["reward"], where="reward")
     rollout = p.cfg["rollout"]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlx.distributed import all_reduce_dict, all_reduce_sum, finite_everywhere, union_keys  # h11f hook
+from rlx.distributed import all_reduce_dict, all_reduce_sum, finite_everywhere, union_keys
 from rlx.loops import NonFiniteGuard, chunks
 from rlx.loops.optim import optimizer_step, zero_grad
 from rlx.losses.aggregation import token_mean
@@ -174,11 +174,11 @@ def minibatch_gradients(
             kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)
             total = total + kl_coef * kl_loss
             m["loss/kl"] += kl_loss.item()
-        everywhere = finite_everywhere(total, learner.policy.model)  # h11f hook: fsdp2 agrees first
+        everywhere = finite_everywhere(total, learner.policy.model)  # fsdp2: the ranks agree first
         if not math.isfinite(total.item()):
             bad = (total.item(), what)
             break
-        if not everywhere:  # h11f hook: another rank's loss is not finite: stop here too (agreed below)
+        if not everywhere:  # another rank's loss is not finite: stop here too (agreed below)
             break
         total.backward()
         m["loss/total"] += total.item()
