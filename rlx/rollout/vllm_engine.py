@@ -7,21 +7,22 @@ rlx's ``[N, T]`` tensors (`pad_completions`), the refusals (`rlx.rollout.engines
 the engine interface with a stand-in engine (tests/test_rollout_engines.py).
 
 The layout is TRL's ``vllm_mode="colocate"`` (``trl/generation/vllm_generation.py``): one ``vllm.LLM``
-per training process with ``distributed_executor_backend="external_launcher"`` (under torchrun each
-rank's engine joins the existing process group instead of spawning workers; tensor parallel size 1),
-V1's engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the model is reachable, a share
-of the GPU's memory (``rollout.vllm_gpu_memory_utilization``), optionally sleeping between rollouts
-(``rollout.vllm_enable_sleep_mode``). Written for rlx rather than taken from TRL: rlx hands vLLM
-token ids (no tokenizer in vLLM: ``skip_tokenizer_init``), starts it from the policy's config with
-dummy weights and pushes its own weights at once, and reads only the token ids back (the old
-log-probs are the policy's, recomputed by `rlx.rollout.engines.recompute_old_logp`).
+per training process, tensor parallel size 1 (under torchrun with
+``distributed_executor_backend="external_launcher"``: each rank's engine joins the job's process group
+instead of spawning workers), V1's engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
+the model is reachable, a share of the GPU's memory (``rollout.vllm_gpu_memory_utilization``),
+optionally sleeping between rollouts (``rollout.vllm_enable_sleep_mode``).
+
+Written for rlx rather than taken from TRL: rlx hands vLLM token ids (no tokenizer in vLLM:
+``skip_tokenizer_init``), starts it from the policy's config with dummy weights and pushes its own
+weights at once, and reads only the token ids back (the old log-probs are the policy's, recomputed
+by `rlx.rollout.engines.recompute_old_logp`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import weakref
 from collections.abc import Iterable
@@ -84,12 +85,6 @@ def pad_completions(
     return tokens, completion_mask(tokens, eos_id).to(tokens.device)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class VLLMEngine(RolloutEngine):
     """vLLM's offline ``LLM`` in this process, on this rank's GPU. UNTESTED HERE (no GPU, no vLLM)."""
 
@@ -109,13 +104,24 @@ class VLLMEngine(RolloutEngine):
                 f"rollout.engine=vllm needs a transformers causal LM of an architecture vLLM supports "
                 f"(model=hf, tiny_gpt or char_gpt), got model {policy.name}"
             )
-        # In-process engine core (the model reachable for weight pushes) and torchrun's environment,
-        # which external_launcher reads; a plain process is a world of one.
+        if getattr(policy.model, "peft_config", None):
+            raise RlxError(
+                "rollout.engine=vllm pushes whole weights; with LoRA (model.lora.r > 0) use rollout.engine=hf"
+            )
+        from rlx import distributed
+
+        # Under torchrun every rank's engine joins the job's process group (external_launcher reads
+        # torchrun's environment, as TRL's colocated mode); in a plain process vLLM's own one-process
+        # executor, which puts itself on cuda:0.
+        launcher = distributed.under_torchrun()
+        device = policy.device
+        if not launcher and device.index not in (None, 0):
+            raise RlxError(
+                f"rollout.engine=vllm in a plain process runs on cuda:0, the policy is on {device}: select "
+                f"the GPU with CUDA_VISIBLE_DEVICES={device.index} and trainer.device=cuda"
+            )
+        # V1's engine core in this process, so that its model is reachable for the weight pushes
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         from vllm import LLM, SamplingParams  # lazily: GPU-only, not in rlx's default install
 
         self._sampling_params = SamplingParams
@@ -134,7 +140,7 @@ class VLLMEngine(RolloutEngine):
             generation_config="vllm",  # vLLM's neutral defaults, not a generation_config.json
             dtype=dtype,
             tensor_parallel_size=1,
-            distributed_executor_backend="external_launcher",
+            **({"distributed_executor_backend": "external_launcher"} if launcher else {}),
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=enable_sleep_mode,
             max_model_len=max_model_len,
