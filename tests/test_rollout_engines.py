@@ -10,88 +10,30 @@ completes. Plus the pure parts of the vLLM engine (settings mapping, output padd
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 from rlx.cli import main
 from rlx.errors import RlxError
 from rlx.loops import chunks
 from rlx.models import Policy, Sampling, build_tiny_gpt
 from rlx.rollout import sample_groups
-from rlx.rollout.engines import ENGINES, HfEngine, RolloutEngine, checksum, policy_weights, vllm_installed
+from rlx.rollout.engines import checksum, policy_weights, vllm_installed
 from rlx.rollout.vllm_engine import pad_completions, sampling_params_kwargs
 from rlx.tasks.sort import SortTask
 from rlx.train import build, plan, train
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import REPO, TINY, compose_cfg
+from tests.rollout_standin import BUILT, StandInEngine
 from tests.test_resume import VOLATILE
-
-
-class StandInEngine(RolloutEngine):
-    """A CPU stand-in for an external engine such as vLLM: it samples with its own deep copy of the
-    policy's model (weights only change when pushed), returns no log-probs (as vLLM here), and records
-    every push (the step, the parameter names, a checksum of the tensors) and every sampling call."""
-
-    name = "standin"
-
-    def __init__(self, policy: Policy) -> None:
-        self.copy = copy.copy(policy)
-        self.copy.model = copy.deepcopy(policy.model).requires_grad_(False)
-        self.pushes: list[dict] = []
-        self.calls: list[Sampling] = []
-
-    def generate(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        self.calls.append(sampling)
-        tokens, mask, _ = self.copy.generate(prompt_ids, prompt_mask, sampling)
-        return tokens, mask, None
-
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]], *, step: int) -> None:
-        named = list(weights)
-        own = dict(self.copy.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in named:
-                own[name].copy_(tensor)
-        self.pushes.append({"step": step, "names": [n for n, _ in named], "checksum": checksum(named)})
-
-
-class RecordingHfEngine(HfEngine):
-    """The hf engine, unchanged, recording the sampling settings it is called with."""
-
-    def __init__(self, policy: Policy) -> None:
-        super().__init__(policy)
-        self.calls: list[Sampling] = []
-
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling):
-        self.calls.append(sampling)
-        return super().generate(prompt_ids, prompt_mask, sampling)
-
-
-BUILT: list[RolloutEngine] = []  # every engine the builders below made, newest last
-
-if "standin" not in ENGINES.names():
-
-    @ENGINES.register("standin")
-    def _standin(policy: Policy, plan) -> RolloutEngine:
-        BUILT.append(StandInEngine(policy))
-        return BUILT[-1]
-
-    @ENGINES.register("hf_recording")
-    def _hf_recording(policy: Policy, plan) -> RolloutEngine:
-        BUILT.append(RecordingHfEngine(policy))
-        return BUILT[-1]
-
 
 SAMPLING = ["rollout.temperature=0.7", "rollout.top_k=5", "rollout.top_p=0.9", "rollout.max_new_tokens=3"]
 
@@ -194,6 +136,32 @@ def test_a_resumed_run_pushes_the_restored_weights_before_it_samples(tmp_path):
     assert [p["step"] for p in resumed.pushes] == [1, 2]
     assert [p["checksum"] for p in resumed.pushes] == [p["checksum"] for p in uninterrupted.pushes[1:]]
     assert metrics(cut) == metrics(whole)  # and the resumed run is the same run
+
+
+def test_under_torchrun_every_rank_pushes_the_same_weights_into_its_own_engine(tmp_path):
+    """2 ranks (gloo, one thread each), a stand-in engine per rank: each samples its half of the global
+    batch and gets the same pushes (the ranks' policies are equal after every all-reduced update)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    worker = REPO / "tests" / "rollout_standin_worker.py"
+    res = subprocess.run(
+        [*torchrun, str(worker), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert [p["step"] for p in r["pushes"]] == [0, 1, 2]
+        assert r["rows"] == [8, 8]  # 4 prompts x 4 completions per iteration, half on each rank
+    assert [p["checksum"] for p in ranks[0]["pushes"]] == [p["checksum"] for p in ranks[1]["pushes"]]
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    names = ranks[0]["pushes"][-1]["names"]
+    assert ranks[0]["final"] == ranks[1]["final"] == checksum((n, final[n]) for n in names)
 
 
 # -- the vLLM engine's CPU-testable parts --------------------------------------------------------
