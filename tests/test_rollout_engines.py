@@ -237,7 +237,7 @@ def test_vllm_engine_without_a_gpu_is_refused(capsys, tmp_path, monkeypatch):
 def test_engine_settings_are_checked(tmp_path):
     with pytest.raises(RlxError, match=r"rollout\.vllm_gpu_memory_utilization must be in \(0, 1\], got 1.5"):
         plan(compose_cfg([*TINY, "rollout.vllm_gpu_memory_utilization=1.5"]))
-    with pytest.raises(RlxError, match=r"rollout\.vllm_max_model_len must be >= 1"):
+    with pytest.raises(RlxError, match=r"rollout\.vllm_max_model_len must be in \[1, 2\*\*31\)"):
         plan(compose_cfg([*TINY, "rollout.vllm_max_model_len=0"]))
     assert plan(compose_cfg(TINY)).rollout.engine == "hf"  # the default
 

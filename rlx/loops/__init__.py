@@ -129,7 +129,10 @@ class RolloutSettings:
         u = self.vllm_gpu_memory_utilization
         require(0 < u <= 1, f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {u}")
         m = self.vllm_max_model_len
-        require(m is None or m >= 1, f"rollout.vllm_max_model_len must be >= 1 or null (the model's): {m}")
+        require(
+            m is None or 1 <= m < 2**31,
+            f"rollout.vllm_max_model_len must be in [1, 2**31) or null (the model's), got {m}",
+        )
 
 
 @dataclass
