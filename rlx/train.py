@@ -147,6 +147,11 @@ def _check_fsdp2(p: Plan) -> None:
         raise RlxError(
             f"trainer.parallel=fsdp2 with algo.critic={a.critic} is not built; use trainer.parallel=ddp"
         )
+    if p.rollout.engine != "hf":  # an engine is loaded with whole tensors, fsdp2 holds shards
+        raise RlxError(
+            f"trainer.parallel=fsdp2 with rollout.engine={p.rollout.engine} is not built (the engine "
+            "takes whole weights, fsdp2 holds shards); use trainer.parallel=ddp"
+        )
     if a.dynamic_sampling:
         raise RlxError(
             "trainer.parallel=fsdp2 with algo.dynamic_sampling=true is not built (the ranks keep "

@@ -193,6 +193,11 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
             "2",
             r"trainer.parallel=fsdp2 with algo.dynamic_sampling=true is not built",
         ),
+        (
+            ["trainer.parallel=fsdp2", "rollout.engine=standin"],  # tests/rollout_standin.py's engine
+            "2",
+            r"trainer.parallel=fsdp2 with rollout.engine=standin is not built \(the engine takes whole",
+        ),
         (["trainer.parallel=zero3"], None, r"trainer.parallel='zero3' is not one of auto, none, ddp, fsdp2"),
         ([], "3", r"trainer.prompts_per_step=4 is not divisible by the world size 3"),
         (["trainer.parallel=none"], "2", r"trainer.parallel=none under torchrun with WORLD_SIZE=2"),
@@ -211,6 +216,8 @@ def test_bad_parallel_settings_are_refused_at_plan_time(monkeypatch, overrides, 
             monkeypatch.setenv(key, value)
     if torch.cuda.is_available() and "trainer.device=cuda" in overrides:
         pytest.skip("this machine has CUDA")
+    import tests.rollout_standin  # noqa: F401  (registers rollout.engine=standin)
+
     with pytest.raises(RlxError, match=message):
         plan(compose_cfg([*TINY, "logger=none", *overrides]))
 

@@ -125,6 +125,11 @@ class RolloutSettings:
     top_k: int
     top_p: float
     max_new_tokens: int | None
+    # h11v: what samples (rlx/rollout/engines.py): hf | vllm; the vllm_* keys are read by vllm only
+    engine: str = "hf"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_enable_sleep_mode: bool = False
+    vllm_max_model_len: int | None = None
 
     def check(self) -> None:
         require(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
@@ -132,6 +137,16 @@ class RolloutSettings:
         require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         n = self.max_new_tokens
         require(n is None or n >= 1, f"rollout.max_new_tokens must be >= 1 or null (the task's), got {n}")
+        from rlx.rollout.engines import check_engine
+
+        check_engine(self.engine)  # h11v: a known name (vllm's own needs: `plan_online`)
+        u = self.vllm_gpu_memory_utilization
+        require(0 < u <= 1, f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {u}")
+        m = self.vllm_max_model_len
+        require(
+            m is None or 1 <= m < 2**31,
+            f"rollout.vllm_max_model_len must be in [1, 2**31) or null (the model's), got {m}",
+        )
 
 
 @dataclass

@@ -49,6 +49,7 @@ from rlx.models import Policy
 from rlx.models.value import ActorCriticPolicy, build_critic
 from rlx.rewards import score_completions
 from rlx.rollout import Rollout, sample_groups
+from rlx.rollout.engines import RolloutEngine, build_engine
 from rlx.tracking import LiveProgress
 
 
@@ -90,13 +91,13 @@ def build_online(ctx: LoopContext) -> OnlineTrainer:
         max_len=algo.max_len or int(sampling.max_new_tokens or 1),
         kl_in_loss=op.pieces.kl is not None and op.kl.placement == "loss" and op.kl.coef > 0,
     )
-    return OnlineTrainer(ctx, learner)
+    return OnlineTrainer(ctx, learner, build_engine(policy, ctx.plan))  # h11v: rollout.engine
 
 
 class OnlineTrainer:
     """The loop: stages of one batch, then the update; checkpoint state; evaluation."""
 
-    def __init__(self, ctx: LoopContext, learner: Learner) -> None:
+    def __init__(self, ctx: LoopContext, learner: Learner, engine: RolloutEngine | None = None) -> None:
         op: OnlinePlan = ctx.plan.settings
         self.ctx, self.learner = ctx, learner
         self.plan, self.algo, self.kl, self.pieces = ctx.plan, op.algo, op.kl, op.pieces
@@ -113,6 +114,7 @@ class OnlineTrainer:
         if self.pieces.kl is not None:
             self.ref = self.policy.frozen_copy(ctx.plan.trainer.reference_torch_dtype)
         self.samples_path = ctx.run_dir / "samples.jsonl"
+        self.engine = engine  # h11v: None = the policy samples itself (rollout.engine=hf)
 
     # the policy's optimizer (what rlx.train saves as "optimizer"), and a separate critic's
     @property
@@ -184,7 +186,9 @@ class OnlineTrainer:
         prompts = self.task.train_batch(
             self.step, t.prompts_per_step // self.world_size, self.rank, self.world_size, stream=round_
         )
-        ro = sample_groups(self.policy, prompts, t.group_size, self.sampling)
+        if self.engine is not None and self.engine.weights_step != self.step:  # h11v: at start, on resume
+            self.engine.sync(self.policy, self.step)
+        ro = sample_groups(self.policy, prompts, t.group_size, self.sampling, self.engine, t.micro_batch_size)
         self.reward_parts: dict[str, float] = {}  # reward/<component> of reward=combined
         rewards = score_completions(
             self.pieces.reward,
@@ -333,6 +337,8 @@ class OnlineTrainer:
         t1 = time.perf_counter()
         metrics = batch.metrics
         metrics.update(self.update.fn(self.learner, batch, step=self.step, kl_coef=beta))
+        if self.engine is not None:  # h11v: the engine samples the next batch with these weights
+            self.engine.sync(self.policy, self.step + 1)
         t2 = time.perf_counter()
         if batch.ref_kl is not None:  # the controller measures the mean sequence KL (Ziegler et al.)
             metrics["kl/coef"] = beta

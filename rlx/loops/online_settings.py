@@ -186,6 +186,9 @@ def plan_online(p: Plan) -> OnlinePlan:
             f"adv_norm={advantage.name} takes the KL penalty in the reward (kl.placement=reward), "
             f"got {kl_settings.placement}",
         )
+    from rlx.rollout.engines import check_engine
+
+    check_engine(p.rollout.engine, p.device)  # h11v: vllm installed, and a CUDA GPU for it
     check_update = update.meta.get("check")
     if check_update is not None:
         check_update(algo, kl_settings, kl)

@@ -1,8 +1,9 @@
 """Rollout: sample G completions per prompt and record what the update needs.
 
 The old log-probs (pi_old = the policy that sampled) are recorded as each token is drawn
-(`Policy.generate`), so a batch costs no extra forward pass for them and no ``[N, T, V]`` logits are
-kept.
+(`Policy.generate`, ``rollout.engine=hf``), so a batch costs no extra forward pass for them and no
+``[N, T, V]`` logits are kept. Another engine (`rlx.rollout.engines`: vLLM) only returns token ids;
+the policy then scores them (`recompute_old_logp`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rlx.models import Policy, Sampling
+from rlx.rollout.engines import RolloutEngine, recompute_old_logp
 from rlx.tasks import PromptBatch
 
 
@@ -83,12 +85,29 @@ class Rollout:
         )
 
 
-def sample_groups(policy: Policy, prompts: PromptBatch, group_size: int, sampling: Sampling) -> Rollout:
-    """G sampled completions for each prompt, with their sampling-time log-probs."""
+def sample_groups(
+    policy: Policy,
+    prompts: PromptBatch,
+    group_size: int,
+    sampling: Sampling,
+    engine: RolloutEngine | None = None,
+    micro_batch_size: int | None = None,
+) -> Rollout:
+    """G sampled completions for each prompt, with their sampling-time log-probs: drawn by the policy
+    itself (no ``engine``, or ``rollout.engine=hf``), or by ``engine`` and then scored by the policy in
+    micro-batches of ``micro_batch_size`` (`recompute_old_logp`)."""
     ids, mask = policy.encode(prompts.prompts)
     ids = ids.repeat_interleave(group_size, dim=0)
     mask = mask.repeat_interleave(group_size, dim=0)
-    tokens, comp_mask, old_logp = policy.generate(ids, mask, sampling)  # old_logp: 0 on padding
+    if engine is None:
+        tokens, comp_mask, old_logp = policy.generate(ids, mask, sampling)  # old_logp: 0 on padding
+    else:
+        tokens, comp_mask, logp = engine.generate(ids, mask, sampling)
+        if logp is None:  # h11v: pi_old is the policy that the engine's weights were pushed from
+            logp = recompute_old_logp(
+                policy, ids, mask, tokens, comp_mask, sampling.temperature, micro_batch_size
+            )
+        old_logp = logp
     batch = prompts.repeat(group_size)
     return Rollout(
         batch=batch,
