@@ -118,3 +118,31 @@ def test_a_bf16_run_with_a_bf16_reference_trains_and_saves_float32_weights(algo,
     assert summary["steps"] == 2
     weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_under_bf16_the_old_log_probs_make_the_first_ratio_one(tmp_path, micro_batch_size):
+    """A bf16 decode step and the update's bf16 full-sequence forward round differently, so under bf16
+    the old log-probs are the policy's scoring forward's (as for an external engine): ratio 1 at the
+    tolerance of tests/test_models.py's fp32 test, and in fact exactly."""
+    from rlx.loops import chunks
+    from rlx.train import build
+    from tests.conftest import TINY
+
+    mbs = f"trainer.micro_batch_size={micro_batch_size or 'null'}"
+    cfg = compose_cfg([*TINY, mbs, "trainer.precision=bf16", "logger=none"])
+    session = build(cfg, tmp_path)
+    trainer, learner = session.trainer, session.trainer.learner
+    ro = trainer.collect().rollout
+    rows = torch.arange(len(ro.tokens))
+    with torch.no_grad():  # the update's first epoch, micro-batch by micro-batch
+        for idx in chunks(rows, learner.micro_batch_size):
+            scores, _ = learner.forward(ro, idx, entropy=True)
+            ratio = torch.exp(scores.logp - ro.old_logp[idx]) * ro.mask[idx]
+            assert torch.allclose(ratio, ro.mask[idx], atol=1e-5)
+            assert torch.equal(scores.logp * ro.mask[idx], ro.old_logp[idx])
+        # what the recompute is for: the bf16 decode's own log-probs are further off than 1e-5
+        sampled = trainer.policy.generate(ro.prompt_ids, ro.prompt_mask, trainer.sampling)
+        fresh = trainer.policy.score(ro.prompt_ids, ro.prompt_mask, sampled[0], sampled[1]).logp * sampled[1]
+        assert (fresh - sampled[2]).abs().max().item() > 1e-5
+    session.tracker.close()

@@ -95,19 +95,21 @@ def sample_groups(
 ) -> Rollout:
     """G sampled completions for each prompt, with their sampling-time log-probs: drawn by the policy
     itself (no ``engine``, or ``rollout.engine=hf``), or by ``engine`` and then scored by the policy in
-    micro-batches of ``micro_batch_size`` (`recompute_old_logp`)."""
+    micro-batches of ``micro_batch_size`` (`recompute_old_logp`; also under ``trainer.precision=bf16``)."""
     ids, mask = policy.encode(prompts.prompts)
     ids = ids.repeat_interleave(group_size, dim=0)
     mask = mask.repeat_interleave(group_size, dim=0)
-    if engine is None:
-        tokens, comp_mask, old_logp = policy.generate(ids, mask, sampling)  # old_logp: 0 on padding
+    sampler = policy.generate if engine is None else engine.generate
+    tokens, comp_mask, sampled_logp = sampler(ids, mask, sampling)  # log-probs: 0 on padding, or None
+    if sampled_logp is None or policy.autocast_dtype is not None:
+        # pi_old scored by the policy: an engine's tokens came without log-probs (the engine's weights
+        # were pushed from this policy), or trainer.precision=bf16, where a bf16 decode step and the bf16
+        # full-sequence forward of the update round differently
+        old_logp = recompute_old_logp(
+            policy, ids, mask, tokens, comp_mask, sampling.temperature, micro_batch_size
+        )
     else:
-        tokens, comp_mask, logp = engine.generate(ids, mask, sampling)
-        if logp is None:  # h11v: pi_old is the policy that the engine's weights were pushed from
-            logp = recompute_old_logp(
-                policy, ids, mask, tokens, comp_mask, sampling.temperature, micro_batch_size
-            )
-        old_logp = logp
+        old_logp = sampled_logp
     batch = prompts.repeat(group_size)
     return Rollout(
         batch=batch,
