@@ -437,6 +437,21 @@ def test_rlx_data_arithmetic_and_a_two_step_grpo_run(tmp_path):
     assert 0.0 <= rows[-1]["eval/exact"] <= 1.0 and "eval/reward_norm" in rows[-1]
 
 
+def test_arithmetic_data_draws_up_to_90_percent_of_its_problems(tmp_path):
+    """3 one-digit terms make 1000 distinct problems: the defaults (200 + 500 held-out + 200) draw 900
+    of them, disjoint; asking for more is refused in one line naming the space."""
+    from rlx.data.arithmetic import write_arithmetic_data
+
+    paths = write_arithmetic_data(tmp_path / "d")
+    prompts = {k: [json.loads(x)["prompt"] for x in p.read_text().splitlines()] for k, p in paths.items()}
+    assert [len(prompts[k]) for k in ("train", "heldout", "sft")] == [200, 500, 200]
+    assert len(set().union(*prompts.values())) == 900
+    with pytest.raises(RlxError, match="only 1000 exist"):
+        write_arithmetic_data(tmp_path / "e", heldout=501)
+    with pytest.raises(RlxError, match="only 8100 exist"):  # two-digit operands: 90 x 90
+        write_arithmetic_data(tmp_path / "f", digits=2, terms=2, train=7000)
+
+
 def test_gsm8k_format_file_through_reward_math(tmp_path, char_model_dir):
     """The GSM8K code path: `question`/`answer` columns, `#### N` references, task.columns mapping."""
     rows = [
