@@ -262,6 +262,13 @@ def _sweeper_of(overrides: list[str], parsed: list[Any]) -> tuple[str, dict[str,
             cfg = compose(config_name="train", overrides=fixed, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+    if not any(o.is_sweep_override() for o in parsed):
+        # One job: the pre-flight check composes this same config next (`_compose`), so keep it
+        # (one Hydra compose fewer per start-up; the hydra node holds nothing of the job's).
+        whole = OmegaConf.to_container(cfg, resolve=False)
+        assert isinstance(whole, dict)
+        job = tuple(o.input_line for o in parsed)
+        _COMPOSED.setdefault(job, {k: v for k, v in whole.items() if k != "hydra"})
     node = cfg.hydra.sweeper.get("params")
     params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
     assert isinstance(params, dict)
