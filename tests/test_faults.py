@@ -7,6 +7,7 @@ over an old run, signals during the final evaluation, bad bytes in data files, a
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -450,17 +451,27 @@ def test_every_key_refuses_bad_values_in_one_line_before_any_work():
     """In-process through rlx.train.plan on composed configs: every value is refused with one line that
     names its key (RlxError, what the CLI prints as `rlx: error: ...` with exit 2), or is one of the
     documented ACCEPTED values; never another exception."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
     from rlx.errors import RlxError
     from rlx.train import plan
     from tests.conftest import compose_cfg
 
+    # Each task's config is composed once; each value is then applied the way Hydra's config loader
+    # applies a command-line override (its parser's typed value, OmegaConf.update): ~200 composes less.
+    parser = OverridesParser.create()
+    composed = {task: compose_cfg([f"task={task}"]) for task in TASKS}
     accepted, problems = set(), []
     for task, key in documented_keys():
         for value in VALUES.values():
             override = f"{key}={value}"
-            extra = [] if key == "trainer.device" else ["trainer.device=cpu"]
+            cfg = copy.deepcopy(composed[task])
+            if key != "trainer.device":
+                OmegaConf.update(cfg, "trainer.device", "cpu", merge=True)
+            OmegaConf.update(cfg, key, parser.parse_override(override).value(), merge=True)
             try:
-                plan(compose_cfg([f"task={task}", *extra, override]))
+                plan(cfg)
             except RlxError as exc:
                 message = str(exc)
                 if "\n" in message or key.split(".", 1)[1] not in message:
