@@ -379,29 +379,47 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
         module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
 
 
+def passes_everywhere(count: int, model: torch.nn.Module | None) -> int:
+    """fsdp2: the most forward/backward passes any rank has to run this time (one all-reduce MAX), so
+    that a rank with fewer (fewer rows: DAPO's kept groups, an epoch's last smaller batch) runs
+    zero-weight passes up to it: every forward and backward of a sharded model is a collective. For an
+    unsharded model ``count`` itself, with no collective (ddp reduces the gradients once, after)."""
+    if not fsdp_modules(model):
+        return count
+    return int(all_reduce_max(float(count)))
+
+
+_UNSHARDED_DEPTH: dict[int, int] = {}  # id(root module) -> how many `FullParameters` blocks are open
+
+
 class FullParameters:
     """fsdp2: every sharded module of ``model`` unsharded (one all-gather each, on every rank) for the
     block, and no reshard after each forward inside it, so that the forwards inside run no collective
     and the ranks may run different numbers of them (sampling, held-out generation). Resharded after,
-    with the blocks resharding after forward again and the root not (FSDP2's defaults). Re-entrant; a
-    no-op for an unsharded model."""
+    with the blocks resharding after forward again and the root not (FSDP2's defaults). Re-entrant,
+    also across instances for one model (the depth is kept per model); a no-op for an unsharded model."""
 
     def __init__(self, model: torch.nn.Module | None) -> None:
         self.modules = fsdp_modules(model)
-        self.depth = 0
+        self.key = id(self.modules[-1]) if self.modules else 0
 
     def __enter__(self) -> None:
-        self.depth += 1
-        if self.depth > 1 or not self.modules:
+        if not self.modules:
+            return
+        _UNSHARDED_DEPTH[self.key] = _UNSHARDED_DEPTH.get(self.key, 0) + 1
+        if _UNSHARDED_DEPTH[self.key] > 1:
             return
         for module in self.modules:
             module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
             module.unshard()  # type: ignore[operator]
 
     def __exit__(self, *exc: object) -> None:
-        self.depth -= 1
-        if self.depth > 0 or not self.modules:
+        if not self.modules:
             return
+        _UNSHARDED_DEPTH[self.key] -= 1
+        if _UNSHARDED_DEPTH[self.key] > 0:
+            return
+        del _UNSHARDED_DEPTH[self.key]
         root = self.modules[-1]
         for module in self.modules:
             module.reshard()  # type: ignore[operator]
@@ -420,8 +438,13 @@ def shard_policy(policy: Any, device: torch.device, optimizers: Sequence[torch.o
         for group in optimizer.param_groups:
             group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
         optimizer.state.clear()  # empty before the first step; keyed by the old parameters otherwise
+    hook = getattr(policy, "after_sharding", None)
+    if hook is not None:  # h11g: a reward model (algo=rm) registers its scoring method with FSDP2
+        hook()
+    generate = getattr(policy, "generate", None)
+    if generate is None:  # a reward model samples nothing
+        return
     gathered = FullParameters(model)
-    generate = policy.generate
 
     def generate_unsharded(*args: Any, **kwargs: Any) -> Any:
         with gathered:
@@ -450,8 +473,35 @@ def full_state_dicts(
         if id(param) in first and name in weights and first[id(param)] in weights:
             weights[name] = weights[first[id(param)]]
         first.setdefault(id(param), name)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    optim = None
+    if optimizer is not None:
+        optim = get_optimizer_state_dict(_optimizer_owner(model, optimizer), optimizer, options=options)
     return weights, optim
+
+
+def _optimizer_owner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """The module whose parameter names key ``optimizer``'s full state dict: ``model`` itself, or (h11g:
+    a value head on the policy's trunk, algo.critic=head, optimized with it but not part of it) a module
+    holding ``model`` and the optimizer's other parameters in their optimizer order, the same at save
+    and at load. torch's state-dict functions name every optimized parameter by its place in a module."""
+    own = {id(p) for p in model.parameters()}
+    extra = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
+    if not extra:
+        return model
+    others = torch.nn.Module()
+    for i, p in enumerate(extra):
+        others.register_parameter(f"p{i}", p)
+    return torch.nn.ModuleDict({"model": model, "others": others})
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with fsdp2's shards gathered into whole tensors on every rank (one
+    all-gather per sharded tensor, in the same order on every rank): what a frozen, unsharded copy of
+    the model (the reference, refreshed every kl.ref_refresh iterations) loads. Plain otherwise."""
+    state = model.state_dict()
+    if not fsdp_modules(model):
+        return state
+    return {k: v.full_tensor() if is_sharded(v) else v for k, v in state.items()}
 
 
 def load_full_state_dicts(
@@ -471,7 +521,10 @@ def load_full_state_dicts(
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(
-            model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+            _optimizer_owner(model, optimizer),
+            optimizer,
+            optim_state,
+            options=StateDictOptions(full_state_dict=True),
         )
 
 

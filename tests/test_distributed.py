@@ -113,11 +113,25 @@ def test_two_ranks_give_the_one_process_update(updates: tuple[Path, Path], varia
 def test_fsdp2_on_two_ranks_gives_the_one_process_update(updates: tuple[Path, Path], variant: str) -> None:
     """The policy sharded by FSDP2 (its gradients reduce-scattered as sums in backward, the global norm
     clipped over the shards, sampling with the parameters gathered): after two updates its gathered
-    parameters equal the single process's (the variant without the fsdp2_ prefix) to 1e-6."""
-    base = variant.removeprefix("fsdp2_")
+    parameters equal the single process's (the variant without the fsdp2_ prefix) to 1e-6.
+
+    h11g: every rank runs as many forward/backward passes as the others (each is a collective); where
+    one has fewer micro-batches (``uneven_``: the global batch split 3 groups + 1; ``_last``: an
+    epoch's last batch of 1 row, or of 5 split 3 + 2) it pads with zero-weight passes, and the update
+    is still the one process's."""
+    base = variant.removeprefix("fsdp2_").removeprefix("uneven_")
     one = torch.load(updates[0] / f"{base}.pt", weights_only=False)
     two = torch.load(updates[1] / f"{variant}.pt", weights_only=False)
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    (total0, pad0), (total1, pad1) = two["passes"]
+    assert total0 == total1 > 0  # the same number of passes on both ranks
+    padded = {
+        "fsdp2_uneven_adv_group_std": 4,
+        "fsdp2_uneven_ppo_head": 8,
+        "fsdp2_sft_last": 1,
+        "fsdp2_rm_last": 1,
+    }
+    assert (pad0, pad1) == (0, padded.get(variant, 0))
     assert one["params"].shape == two["params"].shape
     assert (one["params"] - two["params"]).abs().max().item() < 1e-6
     for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
@@ -126,6 +140,22 @@ def test_fsdp2_on_two_ranks_gives_the_one_process_update(updates: tuple[Path, Pa
                 assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
     if "kl_coef" in one:
         assert two["kl_coef"] == pytest.approx(one["kl_coef"], rel=1e-9)
+
+
+def test_fsdp2_dapo_dynamic_sampling_equals_ddp(updates: tuple[Path, Path]) -> None:
+    """h11g: DAPO with real rollouts on 2 ranks, a reward that zeroes some groups: the ranks keep
+    different numbers of groups (resampling for 2 extra rounds), so their updates have different numbers
+    of micro-batches; fsdp2 gives the ddp run's samples, metrics and parameters (to 1e-6)."""
+    ddp, fsdp2 = (torch.load(updates[1] / f"{v}_dapo.pt", weights_only=False) for v in ("ddp", "fsdp2"))
+    assert ddp["world_size"] == fsdp2["world_size"] == 2
+    assert ddp["rows"] == fsdp2["rows"]
+    assert any(len(set(step)) > 1 for step in zip(*ddp["rows"]))  # unequal rows on the ranks, some step
+    assert ddp["metrics"][0]["dynamic/rounds"] > 0
+    assert (ddp["params"] - fsdp2["params"]).abs().max().item() < 1e-6
+    for m1, m2 in zip(ddp["metrics"], fsdp2["metrics"], strict=True):
+        for key in (*EXACT, "dynamic/rounds", "dynamic/kept_groups"):
+            if key in m1:
+                assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
 
 
 def test_the_updates_moved_the_parameters(updates: tuple[Path, Path], data: Path) -> None:
