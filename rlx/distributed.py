@@ -562,6 +562,9 @@ class FullWeights:
     def save(self, path: Any) -> None:
         self.policy.model.save_pretrained(str(path), state_dict=self.weights, safe_serialization=True)
         self.policy.tokenizer.save_pretrained(str(path))
+        critic = getattr(self.policy, "critic", None)  # h11g: a PPO policy's critic (`ActorCriticPolicy`)
+        if critic is not None:  # unsharded: its value head (and a separate critic's model) as it is
+            critic.save(path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
