@@ -560,7 +560,11 @@ class FullWeights:
         self.policy, self.weights = policy, weights
 
     def save(self, path: Any) -> None:
-        self.policy.model.save_pretrained(str(path), state_dict=self.weights, safe_serialization=True)
+        model = self.policy.model
+        if hasattr(model, "merge_and_unload"):  # h11g: LoRA (peft): merged plain weights, as unsharded
+            merged_lora(model, self.weights).save_pretrained(str(path), safe_serialization=True)
+        else:
+            model.save_pretrained(str(path), state_dict=self.weights, safe_serialization=True)
         self.policy.tokenizer.save_pretrained(str(path))
         critic = getattr(self.policy, "critic", None)  # h11g: a PPO policy's critic (`ActorCriticPolicy`)
         if critic is not None:  # unsharded: its value head (and a separate critic's model) as it is
@@ -568,6 +572,23 @@ class FullWeights:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
+
+
+def merged_lora(model: Any, weights: dict[str, Tensor]) -> torch.nn.Module:
+    """fsdp2 with LoRA (h11g), on rank 0: what `rlx.models.hf.HFPolicy.save` writes (the adapters merged
+    into plain weights) from the gathered full state dict of the sharded peft ``model``. The sharded
+    model cannot be copied and merged as a whole, so a fresh unsharded copy of the same architecture and
+    adapters is built on the CPU, given ``weights``, and merged (peft's ``merge_and_unload``)."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model()
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), torch_dtype=base.dtype)
+    fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[model.active_adapter]))
+    fresh.load_state_dict(weights)
+    return fresh.merge_and_unload()
 
 
 def finite_everywhere(loss: Tensor, model: torch.nn.Module | None) -> bool:

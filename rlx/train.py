@@ -123,11 +123,7 @@ def _check_fsdp2(p: Plan) -> None:
     """h11f: what trainer.parallel=fsdp2 does not run, one line each. Under fsdp2 every forward and
     backward of the policy is a collective, so the ranks must run equally many of them (h11g: a rank
     with fewer micro-batches runs zero-weight passes up to the most, `rlx.distributed.passes_everywhere`)."""
-    a, c = p.settings.algo, p.cfg
-    if int(((c["model"].get("lora") or {}).get("r")) or 0) > 0:
-        raise RlxError(
-            "trainer.parallel=fsdp2 with LoRA (model.lora.r > 0) is not built; use trainer.parallel=ddp"
-        )
+    a = p.settings.algo
     if p.loop == "offline":
         return
     if a.update != "sgd":  # trpo: flat-vector conjugate gradient and line search over whole parameters

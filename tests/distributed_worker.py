@@ -40,6 +40,7 @@ BASE = [
     "~optimizer.eps",
 ]
 ONLINE = [*BASE, "trainer.prompts_per_step=4", "trainer.group_size=4"]
+LORA = ["model=hf", "model.lora.r=4", "model.lora.target_modules=[c_attn]", "model.lora.dropout=0"]
 # name -> overrides. Every advantage estimator, every aggregation, both critic layouts, TRPO, a KL in
 # the loss with the adaptive controller, whitening, micro-batches that split ranks' rows unevenly.
 VARIANTS: dict[str, list[str]] = {
@@ -76,6 +77,9 @@ VARIANTS: dict[str, list[str]] = {
         "algo.batch_size=4",
         "trainer.micro_batch_size=1",
     ],
+    # h11g: LoRA (peft) on model=hf, a tiny GPT-2 written by `write_tiny_hf` (adapters on c_attn only:
+    # frozen and trainable parameters in one FSDP2 unit)
+    "sft_lora": [*BASE[3:], *LORA, "algo=sft", "algo.batch_size=8", "trainer.micro_batch_size=3"],
 }
 # The same updates with trainer.parallel=fsdp2 (h11f; under torchrun only): compared with the single
 # process's results of the variant named after the prefix. ``fsdp2_uneven_*`` (h11g): the global batch
@@ -93,6 +97,7 @@ FSDP2: dict[str, list[str]] = {
         "sft_last",
         "rm_last",
         "sft_packing",
+        "sft_lora",
         "uneven_adv_group_std",
         "uneven_ppo_head",
     )
@@ -137,6 +142,32 @@ def compose_cfg(overrides: list[str]):
             return compose(config_name="train", overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
+
+
+def write_tiny_hf(path: Path) -> None:
+    """A 1-layer GPT-2 and a word-level tokenizer for the sort task's text, saved for model=hf (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "<unk>", *map(str, range(10))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(  # no dropout: SFT trains in train mode, and each rank draws its own masks
+        vocab_size=len(words),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        eos_token_id=0,
+        bos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def global_batch(trainer, rank: int, world_size: int, uneven: bool = False):
@@ -216,6 +247,8 @@ def run(name: str, out: Path, data: Path) -> None:
     if offline:
         kind = "sft" if base.startswith("sft") else "pairs"
         overrides.append(f"data.train={data / f'{kind}_train.jsonl'}")
+    if "lora" in base:
+        overrides.append(f"model.name_or_path={data / 'tiny_hf'}")
     session = build(compose_cfg(overrides), run_dir=out / "runs" / name)
     trainer = session.trainer
     rank, world_size = distributed.world()
@@ -237,6 +270,12 @@ def run(name: str, out: Path, data: Path) -> None:
     result["params"] = flat_params(trainer)
     result["metrics"] = metrics
     result["passes"] = distributed.gather_objects(passes)
+    if "lora" in base:  # final/'s weights: the adapters merged (fsdp2: gathered, then merged on rank 0)
+        from rlx.train import _savable
+
+        saved, _ = _savable(trainer)
+        if rank == 0:
+            saved.save(out / f"{name}_final")
     session.tracker.close("FINISHED")
     session.release()
     if rank == 0:
