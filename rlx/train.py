@@ -126,10 +126,12 @@ def _check_fsdp2(p: Plan) -> None:
     a = p.settings.algo
     if p.loop == "offline":
         return
-    if a.update != "sgd":  # trpo: flat-vector conjugate gradient and line search over whole parameters
+    if a.update != "sgd":  # h11g: trpo differentiates with torch.autograd.grad, which FSDP2 does not hook
         raise RlxError(
-            f"trainer.parallel=fsdp2 does not run algo.update={a.update} (TRPO's flat parameter "
-            "vectors and line search need whole parameters); use trainer.parallel=ddp"
+            f"trainer.parallel=fsdp2 does not run algo.update={a.update}: TRPO's gradient and "
+            "Fisher-vector products are torch.autograd.grad calls (one with create_graph) with respect to "
+            "whole parameters, while FSDP2 gathers and reduces its shards only around forward and "
+            ".backward(), and its line search writes flat parameter vectors; use trainer.parallel=ddp"
         )
     if p.rollout.engine != "hf":  # an engine is loaded with whole tensors, fsdp2 holds shards
         raise RlxError(

@@ -233,7 +233,11 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
             None,
             r"trainer.parallel=fsdp2 needs torchrun's environment \(RANK, WORLD_SIZE",
         ),
-        (["trainer.parallel=fsdp2", "algo=trpo"], "2", r"fsdp2 does not run algo.update=trpo \(TRPO's flat"),
+        (
+            ["trainer.parallel=fsdp2", "algo=trpo"],
+            "2",
+            r"fsdp2 does not run algo.update=trpo: TRPO's gradient and Fisher-vector products are torch",
+        ),
         (
             ["trainer.parallel=fsdp2", "rollout.engine=standin"],  # tests/rollout_standin.py's engine
             "2",
