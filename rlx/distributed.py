@@ -332,15 +332,19 @@ def gather_rows(t: Tensor, pad: float = 0.0) -> tuple[Tensor, Rows]:
 # - every forward and backward of the policy is a collective, so every rank must run as many of them
 #   as the others: sampling and held-out generation (whose lengths differ between ranks: generation
 #   stops when a rank's rows have all ended) run with the parameters unsharded once
-#   (`FullParameters`), and the algorithms whose ranks may run different numbers of passes (TRPO's
-#   line search, DAPO's extra sampling rounds) are refused at plan time;
+#   (`FullParameters`), as do DAPO's extra sampling rounds and a value head's V_old pass; where a rank
+#   has fewer micro-batches than another in an update (DAPO's kept groups, an offline epoch's last
+#   smaller batch), the ranks agree on the most (`passes_everywhere`) and the rank with fewer runs
+#   zero-weight passes (its loss times 0: the same parameters get gradients, all exact zeros) (h11g);
+#   TRPO (torch.autograd.grad, which FSDP2 does not hook) is refused at plan time;
 # - checkpoints hold the full (unsharded) model and optimizer state, gathered by every rank through
 #   `torch.distributed.checkpoint.state_dict` and written by rank 0, so a checkpoint reads the same
 #   as a ddp or single-process one;
 # - the frozen reference model (a KL term, DPO) and a separate critic (algo.critic=separate) are full,
 #   unsharded copies on every rank (made before the policy is sharded): their forwards then need no
 #   collective and their checkpointed states are plain state dicts (the critic's gradients are
-#   all-reduced as under ddp), at the cost of one full copy of the weights per rank each.
+#   all-reduced as under ddp), at the cost of one full copy of the weights per rank each; so is a value
+#   head on the policy's trunk (algo.critic=head: tiny, its gradient all-reduced) (h11g).
 
 
 def is_sharded(t: Any) -> bool:
