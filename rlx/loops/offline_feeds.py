@@ -338,11 +338,12 @@ def zero_weight_pass(feed: Feed, data: Items, rows: list[int], cache: Tensor | N
     """fsdp2 (h11g): a forward and backward that change no gradient, for a rank with fewer micro-batches
     than another (every pass over a sharded model is a collective). One row (this rank's first, or the
     data's first when it has none) through the feed's own loss, multiplied by 0: the same parameters
-    receive gradients, all exact zeros. Agrees on finiteness as a real pass does; False when another
-    rank's loss was not finite."""
+    receive gradients, all exact zeros. Takes part in the real passes' agreement on finiteness; False
+    when another rank's loss was not finite."""
     loss, _ = feed.micro_loss(data, rows[:1] or [0], cache, norm)
     zero = loss * 0.0
-    if not finite_everywhere(zero.detach(), feed.model):
+    # its own value does not count (a multiple of 0); it takes part in the real passes' agreement
+    if not finite_everywhere(torch.zeros(()), feed.model):
         return False
     zero.backward()
     return True

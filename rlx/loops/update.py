@@ -218,14 +218,16 @@ def zero_weight_pass(learner: Learner, batch: Batch, rows: Tensor) -> bool:
     than another (every pass over a sharded model is a collective: all-gather, reduce-scatter). One of
     this rank's rows (its batch's first when ``rows`` is empty) through the same forward as a real pass,
     so the same parameters receive gradients, with its loss multiplied by 0: the gradients it adds are
-    exact zeros. Agrees on finiteness as a real pass does; False when another rank's loss was not."""
+    exact zeros. Takes part in the real passes' agreement on finiteness; False when another rank's loss
+    was not finite."""
     ro = batch.rollout
     idx = (rows if len(rows) else torch.arange(len(ro.tokens), device=ro.tokens.device))[:1]
     scores, values = learner.forward(ro, idx, entropy=False)
     zero = scores.logp.sum() * 0.0
     if values is not None:
         zero = zero + values.sum() * 0.0
-    if not finite_everywhere(zero.detach(), learner.policy.model):
+    # its own value does not count (a multiple of 0); it takes part in the real passes' agreement
+    if not finite_everywhere(torch.zeros(()), learner.policy.model):
         return False
     zero.backward()
     return True
