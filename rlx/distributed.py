@@ -336,7 +336,9 @@ def gather_rows(t: Tensor, pad: float = 0.0) -> tuple[Tensor, Rows]:
 #   has fewer micro-batches than another in an update (DAPO's kept groups, an offline epoch's last
 #   smaller batch), the ranks agree on the most (`passes_everywhere`) and the rank with fewer runs
 #   zero-weight passes (its loss times 0: the same parameters get gradients, all exact zeros) (h11g);
-#   TRPO (torch.autograd.grad, which FSDP2 does not hook) is refused at plan time;
+#   TRPO, which differentiates with torch.autograd.grad (which FSDP2 does not hook) and writes flat
+#   parameter vectors, works on the whole parameters gathered once, written back to the shards after
+#   (`WholeParameters`: no memory saved during its update) (h11g);
 # - checkpoints hold the full (unsharded) model and optimizer state, gathered by every rank through
 #   `torch.distributed.checkpoint.state_dict` and written by rank 0, so a checkpoint reads the same
 #   as a ddp or single-process one;
@@ -428,6 +430,45 @@ class FullParameters:
         for module in self.modules:
             module.reshard()  # type: ignore[operator]
             module.set_reshard_after_forward(module is not root, recurse=False)  # type: ignore[operator]
+
+
+class WholeParameters:
+    """fsdp2 (h11g): a block that reads and writes whole parameters and differentiates with
+    ``torch.autograd.grad`` (TRPO: its gradient, Fisher-vector products by double backprop, a line search
+    over flat parameter vectors). Inside, every sharded module is unsharded once (`FullParameters`) and
+    neither reshards after backward nor reduce-scatters gradients (there are none in ``.grad``: the
+    block sums its own gradients over ranks, as under ddp), so ``model.parameters()`` are the whole
+    tensors; the block writes them in place. On exit each rank copies its shard of the new whole values
+    (torch.chunk along dim 0: FSDP2's Shard(0) layout) into its sharded parameters. A no-op unsharded."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.modules = model, fsdp_modules(model)
+        self.full = FullParameters(model)
+        self.sharded: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        if not self.modules:
+            return
+        self.sharded = dict(self.model.named_parameters())
+        for module in self.modules:
+            module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
+            module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
+        self.full.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.modules:
+            return
+        whole = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.full.__exit__()
+        for module in self.modules:
+            module.set_reshard_after_backward(True, recurse=False)  # type: ignore[operator]
+            module.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]
+        rank, size = dist.get_rank(), dist.get_world_size()
+        with torch.no_grad():
+            for name, param in self.sharded.items():
+                local = param.to_local() if is_sharded(param) else param
+                part = whole[name].chunk(size, dim=0)[rank] if is_sharded(param) else whole[name]
+                local.copy_(part.reshape(local.shape))
 
 
 def shard_policy(policy: Any, device: torch.device, optimizers: Sequence[torch.optim.Optimizer]) -> None:

@@ -120,19 +120,12 @@ def _check_world(p: Plan) -> None:
 
 
 def _check_fsdp2(p: Plan) -> None:
-    """h11f: what trainer.parallel=fsdp2 does not run, one line each. Under fsdp2 every forward and
-    backward of the policy is a collective, so the ranks must run equally many of them (h11g: a rank
-    with fewer micro-batches runs zero-weight passes up to the most, `rlx.distributed.passes_everywhere`)."""
-    a = p.settings.algo
+    """h11f: what trainer.parallel=fsdp2 does not run, one line. Under fsdp2 every forward and backward
+    of the policy is a collective, so the ranks must run equally many of them (h11g: a rank with fewer
+    micro-batches runs zero-weight passes up to the most, `rlx.distributed.passes_everywhere`; TRPO
+    works on the whole parameters, gathered once, `rlx.distributed.WholeParameters`)."""
     if p.loop == "offline":
         return
-    if a.update != "sgd":  # h11g: trpo differentiates with torch.autograd.grad, which FSDP2 does not hook
-        raise RlxError(
-            f"trainer.parallel=fsdp2 does not run algo.update={a.update}: TRPO's gradient and "
-            "Fisher-vector products are torch.autograd.grad calls (one with create_graph) with respect to "
-            "whole parameters, while FSDP2 gathers and reduces its shards only around forward and "
-            ".backward(), and its line search writes flat parameter vectors; use trainer.parallel=ddp"
-        )
     if p.rollout.engine != "hf":  # an engine is loaded with whole tensors, fsdp2 holds shards
         raise RlxError(
             f"trainer.parallel=fsdp2 with rollout.engine={p.rollout.engine} is not built (the engine "

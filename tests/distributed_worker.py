@@ -92,6 +92,7 @@ FSDP2: dict[str, list[str]] = {
         "kl_adaptive_whiten",
         "ppo_separate",
         "ppo_head",
+        "trpo",
         "sft",
         "dpo",
         "sft_last",

@@ -5,7 +5,7 @@
   parameters one process gives on the whole batch (tests/distributed_worker.py runs both).
 - trainer.parallel=fsdp2 (torch's FSDP2, every block and the root sharded over 2 ranks) gives the same
   parameters as one process for GRPO (with a KL to a reference, whitening, entropy), PPO with a
-  separate critic and with a value head, SFT, DPO, reward-model training, packed SFT and LoRA; ranks
+  separate critic and with a value head, TRPO, SFT, DPO, reward-model training, packed SFT and LoRA; ranks
   with fewer micro-batches (an uneven split, an epoch's last smaller batch) pad with zero-weight passes;
   DAPO's dynamic sampling under fsdp2 equals ddp's (h11g).
 - Held-out evaluation is sharded: each of 2 ranks generates for (and scores) only its share of the
@@ -232,11 +232,6 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
             ["trainer.parallel=fsdp2"],
             None,
             r"trainer.parallel=fsdp2 needs torchrun's environment \(RANK, WORLD_SIZE",
-        ),
-        (
-            ["trainer.parallel=fsdp2", "algo=trpo"],
-            "2",
-            r"fsdp2 does not run algo.update=trpo: TRPO's gradient and Fisher-vector products are torch",
         ),
         (
             ["trainer.parallel=fsdp2", "rollout.engine=standin"],  # tests/rollout_standin.py's engine
