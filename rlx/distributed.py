@@ -332,15 +332,21 @@ def gather_rows(t: Tensor, pad: float = 0.0) -> tuple[Tensor, Rows]:
 # - every forward and backward of the policy is a collective, so every rank must run as many of them
 #   as the others: sampling and held-out generation (whose lengths differ between ranks: generation
 #   stops when a rank's rows have all ended) run with the parameters unsharded once
-#   (`FullParameters`), and the algorithms whose ranks may run different numbers of passes (TRPO's
-#   line search, DAPO's extra sampling rounds) are refused at plan time;
+#   (`FullParameters`), as do DAPO's extra sampling rounds and a value head's V_old pass; where a rank
+#   has fewer micro-batches than another in an update (DAPO's kept groups, an offline epoch's last
+#   smaller batch), the ranks agree on the most (`passes_everywhere`) and the rank with fewer runs
+#   zero-weight passes (its loss times 0: the same parameters get gradients, all exact zeros) (h11g);
+#   TRPO, which differentiates with torch.autograd.grad (which FSDP2 does not hook) and writes flat
+#   parameter vectors, works on the whole parameters gathered once, written back to the shards after
+#   (`WholeParameters`: no memory saved during its update) (h11g);
 # - checkpoints hold the full (unsharded) model and optimizer state, gathered by every rank through
 #   `torch.distributed.checkpoint.state_dict` and written by rank 0, so a checkpoint reads the same
 #   as a ddp or single-process one;
 # - the frozen reference model (a KL term, DPO) and a separate critic (algo.critic=separate) are full,
 #   unsharded copies on every rank (made before the policy is sharded): their forwards then need no
 #   collective and their checkpointed states are plain state dicts (the critic's gradients are
-#   all-reduced as under ddp), at the cost of one full copy of the weights per rank each.
+#   all-reduced as under ddp), at the cost of one full copy of the weights per rank each; so is a value
+#   head on the policy's trunk (algo.critic=head: tiny, its gradient all-reduced) (h11g).
 
 
 def is_sharded(t: Any) -> bool:
@@ -379,33 +385,90 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
         module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
 
 
+def passes_everywhere(count: int, model: torch.nn.Module | None) -> int:
+    """fsdp2: the most forward/backward passes any rank has to run this time (one all-reduce MAX), so
+    that a rank with fewer (fewer rows: DAPO's kept groups, an epoch's last smaller batch) runs
+    zero-weight passes up to it: every forward and backward of a sharded model is a collective. For an
+    unsharded model ``count`` itself, with no collective (ddp reduces the gradients once, after)."""
+    if not fsdp_modules(model):
+        return count
+    return int(all_reduce_max(float(count)))
+
+
+_UNSHARDED_DEPTH: dict[int, int] = {}  # id(root module) -> how many `FullParameters` blocks are open
+
+
 class FullParameters:
     """fsdp2: every sharded module of ``model`` unsharded (one all-gather each, on every rank) for the
     block, and no reshard after each forward inside it, so that the forwards inside run no collective
     and the ranks may run different numbers of them (sampling, held-out generation). Resharded after,
-    with the blocks resharding after forward again and the root not (FSDP2's defaults). Re-entrant; a
-    no-op for an unsharded model."""
+    with the blocks resharding after forward again and the root not (FSDP2's defaults). Re-entrant,
+    also across instances for one model (the depth is kept per model); a no-op for an unsharded model."""
 
     def __init__(self, model: torch.nn.Module | None) -> None:
         self.modules = fsdp_modules(model)
-        self.depth = 0
+        self.key = id(self.modules[-1]) if self.modules else 0
 
     def __enter__(self) -> None:
-        self.depth += 1
-        if self.depth > 1 or not self.modules:
+        if not self.modules:
+            return
+        _UNSHARDED_DEPTH[self.key] = _UNSHARDED_DEPTH.get(self.key, 0) + 1
+        if _UNSHARDED_DEPTH[self.key] > 1:
             return
         for module in self.modules:
             module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
             module.unshard()  # type: ignore[operator]
 
     def __exit__(self, *exc: object) -> None:
-        self.depth -= 1
-        if self.depth > 0 or not self.modules:
+        if not self.modules:
             return
+        _UNSHARDED_DEPTH[self.key] -= 1
+        if _UNSHARDED_DEPTH[self.key] > 0:
+            return
+        del _UNSHARDED_DEPTH[self.key]
         root = self.modules[-1]
         for module in self.modules:
             module.reshard()  # type: ignore[operator]
             module.set_reshard_after_forward(module is not root, recurse=False)  # type: ignore[operator]
+
+
+class WholeParameters:
+    """fsdp2 (h11g): a block that reads and writes whole parameters and differentiates with
+    ``torch.autograd.grad`` (TRPO: its gradient, Fisher-vector products by double backprop, a line search
+    over flat parameter vectors). Inside, every sharded module is unsharded once (`FullParameters`) and
+    neither reshards after backward nor reduce-scatters gradients (there are none in ``.grad``: the
+    block sums its own gradients over ranks, as under ddp), so ``model.parameters()`` are the whole
+    tensors; the block writes them in place. On exit each rank copies its shard of the new whole values
+    (torch.chunk along dim 0: FSDP2's Shard(0) layout) into its sharded parameters. A no-op unsharded."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.modules = model, fsdp_modules(model)
+        self.full = FullParameters(model)
+        self.sharded: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        if not self.modules:
+            return
+        self.sharded = dict(self.model.named_parameters())
+        for module in self.modules:
+            module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
+            module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
+        self.full.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.modules:
+            return
+        whole = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.full.__exit__()
+        for module in self.modules:
+            module.set_reshard_after_backward(True, recurse=False)  # type: ignore[operator]
+            module.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]
+        rank, size = dist.get_rank(), dist.get_world_size()
+        with torch.no_grad():
+            for name, param in self.sharded.items():
+                local = param.to_local() if is_sharded(param) else param
+                part = whole[name].chunk(size, dim=0)[rank] if is_sharded(param) else whole[name]
+                local.copy_(part.reshape(local.shape))
 
 
 def shard_policy(policy: Any, device: torch.device, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -420,8 +483,13 @@ def shard_policy(policy: Any, device: torch.device, optimizers: Sequence[torch.o
         for group in optimizer.param_groups:
             group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
         optimizer.state.clear()  # empty before the first step; keyed by the old parameters otherwise
+    hook = getattr(policy, "after_sharding", None)
+    if hook is not None:  # h11g: a reward model (algo=rm) registers its scoring method with FSDP2
+        hook()
+    generate = getattr(policy, "generate", None)
+    if generate is None:  # a reward model samples nothing
+        return
     gathered = FullParameters(model)
-    generate = policy.generate
 
     def generate_unsharded(*args: Any, **kwargs: Any) -> Any:
         with gathered:
@@ -450,8 +518,35 @@ def full_state_dicts(
         if id(param) in first and name in weights and first[id(param)] in weights:
             weights[name] = weights[first[id(param)]]
         first.setdefault(id(param), name)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    optim = None
+    if optimizer is not None:
+        optim = get_optimizer_state_dict(_optimizer_owner(model, optimizer), optimizer, options=options)
     return weights, optim
+
+
+def _optimizer_owner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """The module whose parameter names key ``optimizer``'s full state dict: ``model`` itself, or (h11g:
+    a value head on the policy's trunk, algo.critic=head, optimized with it but not part of it) a module
+    holding ``model`` and the optimizer's other parameters in their optimizer order, the same at save
+    and at load. torch's state-dict functions name every optimized parameter by its place in a module."""
+    own = {id(p) for p in model.parameters()}
+    extra = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
+    if not extra:
+        return model
+    others = torch.nn.Module()
+    for i, p in enumerate(extra):
+        others.register_parameter(f"p{i}", p)
+    return torch.nn.ModuleDict({"model": model, "others": others})
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with fsdp2's shards gathered into whole tensors on every rank (one
+    all-gather per sharded tensor, in the same order on every rank): what a frozen, unsharded copy of
+    the model (the reference, refreshed every kl.ref_refresh iterations) loads. Plain otherwise."""
+    state = model.state_dict()
+    if not fsdp_modules(model):
+        return state
+    return {k: v.full_tensor() if is_sharded(v) else v for k, v in state.items()}
 
 
 def load_full_state_dicts(
@@ -471,7 +566,10 @@ def load_full_state_dicts(
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(
-            model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+            _optimizer_owner(model, optimizer),
+            optimizer,
+            optim_state,
+            options=StateDictOptions(full_state_dict=True),
         )
 
 
@@ -507,11 +605,35 @@ class FullWeights:
         self.policy, self.weights = policy, weights
 
     def save(self, path: Any) -> None:
-        self.policy.model.save_pretrained(str(path), state_dict=self.weights, safe_serialization=True)
+        model = self.policy.model
+        if hasattr(model, "merge_and_unload"):  # h11g: LoRA (peft): merged plain weights, as unsharded
+            merged_lora(model, self.weights).save_pretrained(str(path), safe_serialization=True)
+        else:
+            model.save_pretrained(str(path), state_dict=self.weights, safe_serialization=True)
         self.policy.tokenizer.save_pretrained(str(path))
+        critic = getattr(self.policy, "critic", None)  # h11g: a PPO policy's critic (`ActorCriticPolicy`)
+        if critic is not None:  # unsharded: its value head (and a separate critic's model) as it is
+            critic.save(path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
+
+
+def merged_lora(model: Any, weights: dict[str, Tensor]) -> torch.nn.Module:
+    """fsdp2 with LoRA (h11g), on rank 0: what `rlx.models.hf.HFPolicy.save` writes (the adapters merged
+    into plain weights) from the gathered full state dict of the sharded peft ``model``. The sharded
+    model cannot be copied and merged as a whole, so a fresh unsharded copy of the same architecture and
+    adapters is built on the CPU, given ``weights``, and merged (peft's ``merge_and_unload``)."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model()
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), torch_dtype=base.dtype)
+    fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[model.active_adapter]))
+    fresh.load_state_dict(weights)
+    return fresh.merge_and_unload()
 
 
 def finite_everywhere(loss: Tensor, model: torch.nn.Module | None) -> bool:

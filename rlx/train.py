@@ -120,42 +120,16 @@ def _check_world(p: Plan) -> None:
 
 
 def _check_fsdp2(p: Plan) -> None:
-    """h11f: what trainer.parallel=fsdp2 does not run, one line each. Under fsdp2 every forward and
-    backward of the policy is a collective, so the ranks must run equally many of them."""
-    a, c = p.settings.algo, p.cfg
-    if int(((c["model"].get("lora") or {}).get("r")) or 0) > 0:
-        raise RlxError(
-            "trainer.parallel=fsdp2 with LoRA (model.lora.r > 0) is not built; use trainer.parallel=ddp"
-        )
+    """h11f: what trainer.parallel=fsdp2 does not run, one line. Under fsdp2 every forward and backward
+    of the policy is a collective, so the ranks must run equally many of them (h11g: a rank with fewer
+    micro-batches runs zero-weight passes up to the most, `rlx.distributed.passes_everywhere`; TRPO
+    works on the whole parameters, gathered once, `rlx.distributed.WholeParameters`)."""
     if p.loop == "offline":
-        if p.settings.feed.inputs not in ("completions", "pairs", "scored_pairs"):
-            raise RlxError(
-                f"trainer.parallel=fsdp2 is built for sft and the dpo family, not "
-                f"algo={c['algo'].get('name')}; use trainer.parallel=ddp"
-            )
-        if a.packing:
-            raise RlxError(
-                "trainer.parallel=fsdp2 with algo.packing=true is not built; use trainer.parallel=ddp"
-            )
         return
-    if a.update != "sgd":  # trpo: flat-vector conjugate gradient and line search over whole parameters
-        raise RlxError(
-            f"trainer.parallel=fsdp2 does not run algo.update={a.update} (TRPO's flat parameter "
-            "vectors and line search need whole parameters); use trainer.parallel=ddp"
-        )
-    if a.critic == "head":  # separate runs: a whole critic model per rank (rlx.distributed's fsdp2 notes)
-        raise RlxError(
-            f"trainer.parallel=fsdp2 with algo.critic={a.critic} is not built; use trainer.parallel=ddp"
-        )
     if p.rollout.engine != "hf":  # an engine is loaded with whole tensors, fsdp2 holds shards
         raise RlxError(
             f"trainer.parallel=fsdp2 with rollout.engine={p.rollout.engine} is not built (the engine "
             "takes whole weights, fsdp2 holds shards); use trainer.parallel=ddp"
-        )
-    if a.dynamic_sampling:
-        raise RlxError(
-            "trainer.parallel=fsdp2 with algo.dynamic_sampling=true is not built (the ranks keep "
-            "different numbers of groups, so run different numbers of passes); use trainer.parallel=ddp"
         )
 
 
@@ -164,14 +138,6 @@ def _shard_fsdp2(p: Plan, trainer: Trainer) -> None:
     reference copy, made by the loop, stays whole: `rlx.distributed`'s fsdp2 notes)."""
     if distributed.resolve_parallel(p.trainer.parallel) != "fsdp2":
         return
-    items = getattr(trainer, "num_items", None)
-    batch = int(getattr(p.settings.algo, "batch_size", 0) or 0)
-    if p.loop == "offline" and items is not None and batch and items % batch:
-        raise RlxError(
-            f"trainer.parallel=fsdp2: the {items} training rows are not a multiple of "
-            f"algo.batch_size={batch} (an epoch's last, smaller batch would give the ranks different "
-            "numbers of passes); use data.limit or trainer.parallel=ddp"
-        )
     optimizer = trainer.optimizer
     distributed.shard_policy(trainer.policy, p.device, [optimizer] if optimizer is not None else [])
 

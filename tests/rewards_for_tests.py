@@ -57,3 +57,12 @@ def prompt_mean_plus_length(prompts, completions):
     """Varies from prompt to prompt even when an untrained model's greedy completions are alike: the
     prompt's mean number over 7 (a fraction, so the order of a sum shows) plus the completion's length."""
     return [sum(p) / (7.0 * len(p)) + len(c) for p, c in zip(prompts, completions)]
+
+
+def even_first_only(prompts, completions):
+    """DAPO's dynamic sampling under torchrun (h11g): a prompt whose first number is odd gives its whole
+    group 0 (an uninformative group, dropped and resampled); an even one the completion's numbers' sum
+    over 10 plus its length, which varies within a group."""
+    return [
+        sum(t or 0 for t in c) / 10.0 + len(c) if p[0] % 2 == 0 else 0.0 for p, c in zip(prompts, completions)
+    ]

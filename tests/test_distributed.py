@@ -5,7 +5,9 @@
   parameters one process gives on the whole batch (tests/distributed_worker.py runs both).
 - trainer.parallel=fsdp2 (torch's FSDP2, every block and the root sharded over 2 ranks) gives the same
   parameters as one process for GRPO (with a KL to a reference, whitening, entropy), PPO with a
-  separate critic, SFT and DPO.
+  separate critic and with a value head, TRPO, SFT, DPO, reward-model training, packed SFT and LoRA; ranks
+  with fewer micro-batches (an uneven split, an epoch's last smaller batch) pad with zero-weight passes;
+  DAPO's dynamic sampling under fsdp2 equals ddp's (h11g).
 - Held-out evaluation is sharded: each of 2 ranks generates for (and scores) only its share of the
   held-out prompts (and offline rows), and the metrics equal one process's.
 - Bad parallel settings: one line at plan time.
@@ -28,7 +30,7 @@ from tests.conftest import REPO, TINY_GPT
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 sys.path.insert(0, str(REPO))
-from tests.distributed_worker import EVALS, FSDP2, VARIANTS  # noqa: E402
+from tests.distributed_worker import EVALS, FSDP2, VARIANTS, write_tiny_hf  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -39,6 +41,7 @@ VOLATILE = ("time", "throughput")  # wall-clock figures differ between any two r
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data")
     write_sort_data(out, train=48, heldout=16, task_eval_size=16, candidates=2)
+    write_tiny_hf(out / "tiny_hf")  # model=hf for LoRA (h11g)
     return out
 
 
@@ -113,11 +116,26 @@ def test_two_ranks_give_the_one_process_update(updates: tuple[Path, Path], varia
 def test_fsdp2_on_two_ranks_gives_the_one_process_update(updates: tuple[Path, Path], variant: str) -> None:
     """The policy sharded by FSDP2 (its gradients reduce-scattered as sums in backward, the global norm
     clipped over the shards, sampling with the parameters gathered): after two updates its gathered
-    parameters equal the single process's (the variant without the fsdp2_ prefix) to 1e-6."""
-    base = variant.removeprefix("fsdp2_")
+    parameters equal the single process's (the variant without the fsdp2_ prefix) to 1e-6.
+
+    h11g: every rank runs as many forward/backward passes as the others (each is a collective); where
+    one has fewer micro-batches (``uneven_``: the global batch split 3 groups + 1; ``_last``: an
+    epoch's last batch of 1 row, or of 5 split 3 + 2) it pads with zero-weight passes, and the update
+    is still the one process's."""
+    base = variant.removeprefix("fsdp2_").removeprefix("uneven_")
     one = torch.load(updates[0] / f"{base}.pt", weights_only=False)
     two = torch.load(updates[1] / f"{variant}.pt", weights_only=False)
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    (total0, pad0), (total1, pad1) = two["passes"]
+    if base != "trpo":  # (TRPO's passes are its own: `WholeParameters` gathers the weights once)
+        assert total0 == total1 > 0  # the same number of passes on both ranks
+    padded = {
+        "fsdp2_uneven_adv_group_std": 4,
+        "fsdp2_uneven_ppo_head": 8,
+        "fsdp2_sft_last": 1,
+        "fsdp2_rm_last": 1,
+    }
+    assert (pad0, pad1) == (0, padded.get(variant, 0))
     assert one["params"].shape == two["params"].shape
     assert (one["params"] - two["params"]).abs().max().item() < 1e-6
     for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
@@ -126,6 +144,36 @@ def test_fsdp2_on_two_ranks_gives_the_one_process_update(updates: tuple[Path, Pa
                 assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
     if "kl_coef" in one:
         assert two["kl_coef"] == pytest.approx(one["kl_coef"], rel=1e-9)
+
+
+def test_fsdp2_lora_saves_the_merged_weights_of_one_process(updates: tuple[Path, Path], data: Path) -> None:
+    """h11g: LoRA under fsdp2 (frozen base weights and trainable adapters sharded in one unit): what
+    final/ holds, the adapters merged into plain GPT-2 weights on rank 0 from the gathered state, equals
+    what one process saves after the same updates (to 1e-6), and only the adapted weight moved."""
+    from safetensors.torch import load_file
+
+    one = load_file(updates[0] / "sft_lora_final" / "model.safetensors")
+    two = load_file(updates[1] / "fsdp2_sft_lora_final" / "model.safetensors")
+    assert sorted(one) == sorted(two) and not any("lora" in k for k in two)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
+    base = load_file(data / "tiny_hf" / "model.safetensors")
+    assert [k for k in two if not torch.equal(two[k], base[k])] == ["transformer.h.0.attn.c_attn.weight"]
+
+
+def test_fsdp2_dapo_dynamic_sampling_equals_ddp(updates: tuple[Path, Path]) -> None:
+    """h11g: DAPO with real rollouts on 2 ranks, a reward that zeroes some groups: the ranks keep
+    different numbers of groups (resampling for 2 extra rounds), so their updates have different numbers
+    of micro-batches; fsdp2 gives the ddp run's samples, metrics and parameters (to 1e-6)."""
+    ddp, fsdp2 = (torch.load(updates[1] / f"{v}_dapo.pt", weights_only=False) for v in ("ddp", "fsdp2"))
+    assert ddp["world_size"] == fsdp2["world_size"] == 2
+    assert ddp["rows"] == fsdp2["rows"]
+    assert any(len(set(step)) > 1 for step in zip(*ddp["rows"]))  # unequal rows on the ranks, some step
+    assert ddp["metrics"][0]["dynamic/rounds"] > 0
+    assert (ddp["params"] - fsdp2["params"]).abs().max().item() < 1e-6
+    for m1, m2 in zip(ddp["metrics"], fsdp2["metrics"], strict=True):
+        for key in (*EXACT, "dynamic/rounds", "dynamic/kept_groups"):
+            if key in m1:
+                assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
 
 
 def test_the_updates_moved_the_parameters(updates: tuple[Path, Path], data: Path) -> None:
@@ -185,13 +233,6 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
             ["trainer.parallel=fsdp2"],
             None,
             r"trainer.parallel=fsdp2 needs torchrun's environment \(RANK, WORLD_SIZE",
-        ),
-        (["trainer.parallel=fsdp2", "algo=trpo"], "2", r"fsdp2 does not run algo.update=trpo \(TRPO's flat"),
-        (["trainer.parallel=fsdp2", "algo=ppo"], "2", r"trainer.parallel=fsdp2 with algo.critic=head is not"),
-        (
-            ["trainer.parallel=fsdp2", "algo=dapo"],
-            "2",
-            r"trainer.parallel=fsdp2 with algo.dynamic_sampling=true is not built",
         ),
         (
             ["trainer.parallel=fsdp2", "rollout.engine=standin"],  # tests/rollout_standin.py's engine

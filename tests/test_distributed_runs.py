@@ -1,6 +1,6 @@
 """Whole runs under torchrun (trainer.parallel=ddp): real processes, gloo, 2 ranks, one thread each.
 
-- `torchrun ... -m rlx.cli train` for grpo, dpo and grpo with trainer.parallel=fsdp2: one run
+- `torchrun ... -m rlx.cli train` for grpo, dpo and ppo (value head) with trainer.parallel=fsdp2: one run
   directory, one set of checkpoints, metrics.jsonl once; SIGKILL after a checkpoint and the same
   command again reproduce the uninterrupted run's metrics.jsonl; a 2-rank checkpoint resumed by one
   process is refused in one line; fsdp2's final/ evaluated by one process equals the sharded evaluation.
@@ -56,11 +56,11 @@ FSDP2_REWARD = "tests.rewards_for_tests:prompt_mean_plus_length"  # varies from 
 
 
 def args_for(algo: str, data: Path) -> list[str]:
-    if algo == "grpo-fsdp2":  # h11f: the policy sharded by FSDP2, a KL to the (whole) reference
-        return [
+    if algo == "ppo-fsdp2":  # h11f: the policy sharded by FSDP2, a KL to the (whole) reference; h11g: PPO
+        return [  # with its value head on the sharded trunk (the head optimized with the policy)
             *RUN,
-            "algo=grpo",
-            "kl=k3",
+            "algo=ppo",
+            "algo.minibatches=2",
             "trainer.eval_every=3",
             "trainer.parallel=fsdp2",
             "reward=custom",
@@ -136,7 +136,7 @@ def metrics(run_dir: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dpo", "grpo-fsdp2"])
+@pytest.mark.parametrize("algo", ["grpo", "dpo", "ppo-fsdp2"])
 def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
     tmp_path: Path, data: Path, algo: str
 ) -> None:
@@ -182,13 +182,18 @@ def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
     assert code == 0, err[-3000:]
     assert "resumed from" in err
     assert metrics(run) == reference_rows
-    if algo == "grpo-fsdp2":
+    if algo == "ppo-fsdp2":
         # the sharded run wrote whole weights and a whole optimizer state (names, full shapes), which a
-        # plain process reads: the checkpoint's Adam moments, and `rlx eval` of final/, whose held-out
-        # metrics in one process equal the run's final evaluation, sharded over the 2 ranks
+        # plain process reads: the checkpoint's Adam moments (the value head's, not part of the sharded
+        # model, named after it: h11g), and `rlx eval` of final/, whose held-out metrics in one process
+        # equal the run's final evaluation, sharded over the 2 ranks
         assert any("eval/exact" in r for r in reference_rows[:-1])  # a periodic, sharded evaluation too
-        adam = state["optimizer"]["state"]["transformer.wte.weight"]["exp_avg"]
+        moments = state["optimizer"]["state"]
+        adam = moments["model.transformer.wte.weight"]["exp_avg"]
         assert adam.shape == (14, 32) and adam.abs().sum() > 0
+        head = moments["others.p0"]["exp_avg"]  # the value head's weight [1, 32]
+        assert head.shape == (1, 32) and head.abs().sum() > 0
+        assert (ref_dir / "final" / "value_head.safetensors").is_file()
         res = subprocess.run(
             [
                 sys.executable,

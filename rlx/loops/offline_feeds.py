@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from rlx.data.encode import Encoded, PackedRow, pad_batch
-from rlx.distributed import all_reduce_dict, all_reduce_sum, finite_everywhere, union_keys
+from rlx.distributed import (
+    all_reduce_dict,
+    all_reduce_sum,
+    finite_everywhere,
+    passes_everywhere,
+    union_keys,
+)
 from rlx.loops import chunks
 from rlx.loops.optim import optimizer_step
 from rlx.losses.aggregation import token_mean
@@ -328,6 +334,21 @@ FEEDS: dict[str, type[Feed]] = {
 }
 
 
+def zero_weight_pass(feed: Feed, data: Items, rows: list[int], cache: Tensor | None, norm: float) -> bool:
+    """fsdp2 (h11g): a forward and backward that change no gradient, for a rank with fewer micro-batches
+    than another (every pass over a sharded model is a collective). One row (this rank's first, or the
+    data's first when it has none) through the feed's own loss, multiplied by 0: the same parameters
+    receive gradients, all exact zeros. Takes part in the real passes' agreement on finiteness; False
+    when another rank's loss was not finite."""
+    loss, _ = feed.micro_loss(data, rows[:1] or [0], cache, norm)
+    zero = loss * 0.0
+    # its own value does not count (a multiple of 0); it takes part in the real passes' agreement
+    if not finite_everywhere(torch.zeros(()), feed.model):
+        return False
+    zero.backward()
+    return True
+
+
 def offline_step(
     feed: Feed,
     data: Items,
@@ -353,7 +374,15 @@ def offline_step(
     total = 0.0
     bad: tuple[float, str] | None = None
     try:
-        for part in chunks(rows, micro_batch_size) if rows else ():
+        parts = list(chunks(rows, micro_batch_size)) if rows else []
+        # fsdp2: every rank runs as many passes as the rank with the most micro-batches (h11g: an
+        # epoch's last, smaller batch leaves some ranks fewer rows, or none)
+        for k in range(passes_everywhere(len(parts), feed.model)):
+            if k >= len(parts):  # a pass that adds nothing (`zero_weight_pass`)
+                if not zero_weight_pass(feed, data, rows, cache, norm):
+                    break
+                continue
+            part = parts[k]
             loss, metrics = feed.micro_loss(data, part, cache, norm)
             everywhere = finite_everywhere(loss, feed.model)  # h11f: fsdp2 agrees before backward
             if not math.isfinite(loss.item()):

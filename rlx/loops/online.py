@@ -221,6 +221,28 @@ class OnlineTrainer:
             return Batch(ro, rewards, metrics=metrics)
         wanted, have, rounds = ro.num_groups, 0, 0
         kept: list[tuple[Rollout, Tensor]] = []
+        # fsdp2 (h11g): a rank whose share is full samples no more, so the ranks run different numbers of
+        # forwards (bf16's old log-probs are recomputed by the policy); with the parameters unsharded for
+        # all the rounds, none of them is a collective (a no-op unsharded)
+        with distributed.FullParameters(self.policy.model):
+            rounds, ro, rewards = self._resample(ro, rewards, seq, kept, wanted)
+        have = sum(r.num_groups for r, _ in kept)
+        metrics["dynamic/rounds"] = float(rounds)
+        metrics["dynamic/kept_groups"] = distributed.all_reduce_sum(float(have))
+        if not kept:  # nothing informative at all: train on the zero-advantage batch as is
+            return Batch(ro, rewards, metrics=metrics)
+        return Batch(
+            Rollout.concat([r for r, _ in kept]), torch.cat([x for _, x in kept], dim=0), metrics=metrics
+        )
+
+    def _resample(
+        self, ro: Rollout, rewards: Tensor, seq: Tensor, kept: list[tuple[Rollout, Tensor]], wanted: int
+    ) -> tuple[int, Rollout, Tensor]:
+        """DAPO's rounds: keep this rank's informative groups (into ``kept``) and sample fresh prompts
+        until its share is full or ``max_resample_rounds``. Returns the number of extra rounds run and
+        the last round's batch (trained on as is when nothing was kept)."""
+        group_size = self.plan.trainer.group_size
+        have, rounds = 0, 0
         while True:
             groups = seq.view(-1, group_size)
             informative = (groups.amax(1) != groups.amin(1)).nonzero().flatten().tolist()
@@ -239,13 +261,7 @@ class OnlineTrainer:
             if have < wanted:
                 ro, rewards = self._sample_and_score(rounds)
                 seq = sequence_rewards(rewards, ro.mask)
-        metrics["dynamic/rounds"] = float(rounds)
-        metrics["dynamic/kept_groups"] = distributed.all_reduce_sum(float(have))
-        if not kept:  # nothing informative at all: train on the zero-advantage batch as is
-            return Batch(ro, rewards, metrics=metrics)
-        return Batch(
-            Rollout.concat([r for r, _ in kept]), torch.cat([x for _, x in kept], dim=0), metrics=metrics
-        )
+        return rounds, ro, rewards
 
     def per_micro_batch(self, ro: Rollout, fn: Callable[..., Tensor]) -> Tensor:
         """``fn(prompt_ids, prompt_mask, tokens, mask)`` ``[n, T]`` for each micro-batch of ``ro``
@@ -280,7 +296,10 @@ class OnlineTrainer:
                 return critic.values_from_hidden(policy.hidden_states(*args))
             return critic.values(*args)
 
-        batch.values = self.per_micro_batch(batch.rollout, values)
+        # fsdp2 (h11g): the head reads the policy's (sharded) trunk; with the parameters unsharded once, the
+        # ranks may run different numbers of micro-batches (DAPO's kept groups) without a collective each
+        with distributed.FullParameters(self.policy.model if critic.shared else None):
+            batch.values = self.per_micro_batch(batch.rollout, values)
 
     def shape(self, batch: Batch, beta: float) -> None:
         """Per-token rewards, with -beta * KL on every token when the KL is in the reward."""
@@ -367,7 +386,8 @@ class OnlineTrainer:
             and self.step
             and self.step % self.kl.ref_refresh == 0
         ):
-            self.ref.model.load_state_dict(self.policy.model.state_dict())
+            # h11g: under fsdp2 the policy's state is sharded; every rank gathers the whole weights
+            self.ref.model.load_state_dict(distributed.whole_state_dict(self.policy.model))
 
     def _write_samples(self, batch: Batch, groups: int = 2) -> None:
         if self.rank != 0:

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
-from rlx.distributed import all_reduce_dict, all_reduce_sum, all_reduce_tensor
+from rlx.distributed import WholeParameters, all_reduce_dict, all_reduce_sum, all_reduce_tensor
 from rlx.errors import require
 from rlx.loops import chunks
 from rlx.loops.update import UPDATES, Batch, Learner, fit_critic
@@ -169,7 +169,28 @@ def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) ->
 
 @UPDATES.register("trpo", settings=TRPOSettings, check=check_trpo, prepare=eager_attention)
 def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) -> dict[str, float]:
-    """One natural-gradient step of the policy in the KL trust region (then the critic's fit)."""
+    """One natural-gradient step of the policy in the KL trust region (then the critic's fit).
+    h11g: under fsdp2 on the whole parameters, gathered once (`rlx.distributed.WholeParameters`)."""
+    with WholeParameters(learner.policy.model):
+        metrics = _trpo_policy_step(learner, batch, step=step)
+    if "trpo/kl" in metrics and learner.critic is not None:
+        metrics.update(fit_critic(learner, batch, step=step))
+    metrics["nonfinite/skipped"] = float(learner.guard.skipped)
+    return metrics
+
+
+def _write_parameters(theta: Tensor, params: list[torch.nn.Parameter]) -> None:
+    """``vector_to_parameters`` in place: fsdp2's whole parameters view its gathering buffers, which a
+    new ``.data`` would detach them from (h11g); the same values in one process."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(theta[offset : offset + n].view_as(p))
+            offset += n
+
+
+def _trpo_policy_step(learner: Learner, batch: Batch, *, step: int) -> dict[str, float]:
     trpo: TRPOSettings = learner.update_settings
     guard = learner.guard
     ro = batch.rollout
@@ -232,7 +253,7 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
 
     @torch.no_grad()
     def evaluate(theta: Tensor) -> tuple[float, float]:
-        vector_to_parameters(theta, params)
+        _write_parameters(theta, params)
         objective = kl = 0.0
         for idx in rows:
             obj, logits, _ = _objective(learner, batch, idx, num_tokens, num_seqs)
@@ -249,7 +270,7 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
         max_backtracks=trpo.max_backtracks,
         ratio=trpo.backtrack_ratio,
     )
-    vector_to_parameters(theta, params)
+    _write_parameters(theta, params)
     metrics = {
         "loss/policy": -objective_old,
         "loss/total": -objective_old,
@@ -260,7 +281,4 @@ def trpo_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) ->
         "trpo/improvement": improvement,
         "trpo/cg_iters": float(cg_iters),
     }
-    if learner.critic is not None:
-        metrics.update(fit_critic(learner, batch, step=step))
-    metrics["nonfinite/skipped"] = float(guard.skipped)
     return metrics

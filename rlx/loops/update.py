@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlx.distributed import all_reduce_dict, all_reduce_sum, finite_everywhere, union_keys
+from rlx.distributed import (
+    all_reduce_dict,
+    all_reduce_sum,
+    finite_everywhere,
+    passes_everywhere,
+    union_keys,
+)
 from rlx.loops import NonFiniteGuard, chunks
 from rlx.loops.optim import optimizer_step, zero_grad
 from rlx.losses.aggregation import token_mean
@@ -144,7 +150,15 @@ def minibatch_gradients(
     m: dict[str, float] = defaultdict(float)
     kl_old_sum = 0.0
     bad: tuple[float, str] | None = None  # h11: a non-finite loss here, agreed with the other ranks below
-    for idx in chunks(rows, learner.micro_batch_size) if len(rows) else ():
+    parts = list(chunks(rows, learner.micro_batch_size)) if len(rows) else []
+    # fsdp2: every rank runs as many passes as the rank with the most micro-batches (h11g)
+    passes = passes_everywhere(len(parts), learner.policy.model)
+    for k in range(passes):
+        if k >= len(parts):  # fsdp2: this rank has no rows left; a pass that adds nothing
+            if not zero_weight_pass(learner, batch, rows):
+                break
+            continue
+        idx = parts[k]
         share = len(idx) / num_seqs
         mask = ro.mask[idx]
         scores, values = learner.forward(ro, idx, entropy=bool(algo.entropy_coef) or log_entropy)
@@ -197,6 +211,26 @@ def minibatch_gradients(
     # h11: the metrics are shares of the global minibatch: their sum over ranks is its value
     m = defaultdict(float, all_reduce_dict(m, keys=union_keys(m)))
     return m, all_reduce_sum(kl_old_sum) / max(num_tokens, 1.0)
+
+
+def zero_weight_pass(learner: Learner, batch: Batch, rows: Tensor) -> bool:
+    """fsdp2 (h11g): a forward and backward that change no gradient, for a rank with fewer micro-batches
+    than another (every pass over a sharded model is a collective: all-gather, reduce-scatter). One of
+    this rank's rows (its batch's first when ``rows`` is empty) through the same forward as a real pass,
+    so the same parameters receive gradients, with its loss multiplied by 0: the gradients it adds are
+    exact zeros. Takes part in the real passes' agreement on finiteness; False when another rank's loss
+    was not finite."""
+    ro = batch.rollout
+    idx = (rows if len(rows) else torch.arange(len(ro.tokens), device=ro.tokens.device))[:1]
+    scores, values = learner.forward(ro, idx, entropy=False)
+    zero = scores.logp.sum() * 0.0
+    if values is not None:
+        zero = zero + values.sum() * 0.0
+    # its own value does not count (a multiple of 0); it takes part in the real passes' agreement
+    if not finite_everywhere(torch.zeros(()), learner.policy.model):
+        return False
+    zero.backward()
+    return True
 
 
 @UPDATES.register("sgd")

@@ -49,6 +49,10 @@ class RewardModelHandle:
         self.model.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
 
+    def after_sharding(self) -> None:
+        """fsdp2 (h11g): `reward_scores` through the sharded root's hooks (`register_for_fsdp`)."""
+        register_for_fsdp(self.model)
+
 
 def encode_for_reward(
     tokenizer: Any, prompt_texts: list[str], completion_texts: list[str], *, max_length: int | None = None
@@ -76,11 +80,37 @@ def last_real_index(attention_mask: Tensor) -> Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
+SCORES_METHOD = "rlx_last_token_scores"  # fsdp2: `reward_scores` as a method of the sharded model (h11g)
+
+
 def reward_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The scalar reward of each row, ``[N]``, read at its last real token (with gradient)."""
     head = getattr(model, "score", None)
     if head is None:
         raise RlxError(f"{type(model).__name__} has no scalar `score` head: not a reward model")
+    method = model.__dict__.get(SCORES_METHOD)  # fsdp2: wrapped in the root unit's hooks
+    if method is not None:
+        return method(input_ids, attention_mask)
+    return last_token_scores(model, input_ids, attention_mask)
+
+
+def register_for_fsdp(model: Any) -> None:
+    """fsdp2 (h11g): `reward_scores` runs ``model.base_model`` and ``model.score``, never ``model``'s own
+    forward, so the root unit (embeddings, final norm, score head) would never gather its parameters
+    nor reduce their gradients. ``last_token_scores`` becomes a method of the sharded model registered
+    as an FSDP forward method (`torch.distributed.fsdp.register_fsdp_forward_method`: the root's
+    pre/post-forward hooks around it), and `reward_scores` calls it."""
+    import types
+
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(model, SCORES_METHOD, types.MethodType(last_token_scores, model))
+    register_fsdp_forward_method(model, SCORES_METHOD)
+
+
+def last_token_scores(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """`reward_scores`' computation: the trunk, then the score head at each row's last real token."""
+    head = model.score
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
