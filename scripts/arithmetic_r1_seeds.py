@@ -13,7 +13,7 @@ the reverse. The gain's p-value is McNemar's exact test (a two-sided binomial te
 against ``fixed + broken`` at 1/2), which is the test for two classifiers scored on the same items;
 the standard error of the gain is that of a paired difference, sqrt(fixed + broken - gain^2 n) / n.
 
-    python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0,1,2 --jobs 2
+    python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0,1,2 --jobs 1
     python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0,1,2 --eval-only
     python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0 -- trainer.steps=300   # GRPO overrides
 
