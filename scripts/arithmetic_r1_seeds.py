@@ -13,9 +13,10 @@ the reverse. The gain's p-value is McNemar's exact test (a two-sided binomial te
 against ``fixed + broken`` at 1/2), which is the test for two classifiers scored on the same items;
 the standard error of the gain is that of a paired difference, sqrt(fixed + broken - gain^2 n) / n.
 
-    python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0,1,2 --jobs 2
+    python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0,1,2 --jobs 1
     python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0,1,2 --eval-only
     python scripts/arithmetic_r1_seeds.py --out /tmp/arith --seeds 0 -- trainer.steps=300   # GRPO overrides
+    python scripts/arithmetic_r1_seeds.py --out /tmp/arith60 --seeds 0,1,2 --sft arith.epochs.sft=60
 
 Prints a markdown table and writes ``<out>/results.json``.
 """
@@ -50,13 +51,13 @@ def run_stage(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def pipeline(out: Path, seed: int, grpo_overrides: list[str]) -> dict[str, float]:
+def pipeline(out: Path, seed: int, grpo_overrides: list[str], sft_overrides: list[str]) -> dict[str, float]:
     """data -> SFT -> GRPO for one seed; wall seconds per stage."""
     d = out / f"s{seed}"
     d.mkdir(parents=True, exist_ok=True)
     common = ["experiment=arithmetic_r1", f"arith.dir={d}", f"trainer.seed={seed}", "logger=none", "-q"]
     times = {"data_s": run_stage([RLX, "data", "arithmetic", "--out", str(d / "data")], d / "data.log")}
-    times["sft_s"] = run_stage([RLX, "train", *common, "algo=sft"], d / "sft.log")
+    times["sft_s"] = run_stage([RLX, "train", *common, "algo=sft", *sft_overrides], d / "sft.log")
     times["grpo_s"] = run_stage([RLX, "train", *common, "algo=grpo", *grpo_overrides], d / "grpo.log")
     times["pipeline_s"] = sum(times.values())
     (d / "times.json").write_text(json.dumps(times), encoding="utf-8")
@@ -148,12 +149,19 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated trainer.seed values")
     parser.add_argument("--jobs", type=int, default=1, help="pipelines side by side (this CPU: 2 at most)")
     parser.add_argument("--eval-only", action="store_true", help="compare existing runs under --out")
+    parser.add_argument(
+        "--sft",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="an override for the SFT stage, e.g. --sft arith.epochs.sft=60 (repeatable)",
+    )
     parser.add_argument("grpo_overrides", nargs="*", help="extra overrides for the GRPO stage")
     ns = parser.parse_args()
     seeds = [int(s) for s in ns.seeds.split(",")]
     if not ns.eval_only:
         with ThreadPoolExecutor(max_workers=ns.jobs) as pool:
-            list(pool.map(lambda s: pipeline(ns.out, s, ns.grpo_overrides), seeds))
+            list(pool.map(lambda s: pipeline(ns.out, s, ns.grpo_overrides, ns.sft), seeds))
     import torch
 
     torch.set_num_threads(1)

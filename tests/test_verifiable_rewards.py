@@ -434,6 +434,7 @@ def test_rlx_data_arithmetic_and_a_two_step_grpo_run(tmp_path):
     first = rows[0]
     assert {"reward/math", "reward/format", "reward/mean"} <= set(first)
     assert first["reward/mean"] == pytest.approx(first["reward/math"] + first["reward/format"], abs=1e-5)
+    assert first["kl/coef"] == pytest.approx(0.1)  # the recipe's KL anchor to the SFT model
     assert 0.0 <= rows[-1]["eval/exact"] <= 1.0 and "eval/reward_norm" in rows[-1]
 
 
