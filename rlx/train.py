@@ -110,27 +110,11 @@ def _check_world(p: Plan) -> None:
     mode = distributed.resolve_parallel(p.trainer.parallel)
     if mode == "none":
         return
-    if mode == "fsdp2":
-        _check_fsdp2(p)
     _, world_size, _ = distributed.env_world()
     if p.loop == "offline":
         distributed.check_divides(world_size, int(p.settings.algo.batch_size), "algo.batch_size")
     else:
         distributed.check_divides(world_size, p.trainer.prompts_per_step, "trainer.prompts_per_step")
-
-
-def _check_fsdp2(p: Plan) -> None:
-    """h11f: what trainer.parallel=fsdp2 does not run, one line. Under fsdp2 every forward and backward
-    of the policy is a collective, so the ranks must run equally many of them (h11g: a rank with fewer
-    micro-batches runs zero-weight passes up to the most, `rlx.distributed.passes_everywhere`; TRPO
-    works on the whole parameters, gathered once, `rlx.distributed.WholeParameters`)."""
-    if p.loop == "offline":
-        return
-    if p.rollout.engine != "hf":  # an engine is loaded with whole tensors, fsdp2 holds shards
-        raise RlxError(
-            f"trainer.parallel=fsdp2 with rollout.engine={p.rollout.engine} is not built (the engine "
-            "takes whole weights, fsdp2 holds shards); use trainer.parallel=ddp"
-        )
 
 
 def _shard_fsdp2(p: Plan, trainer: Trainer) -> None:

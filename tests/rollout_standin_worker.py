@@ -3,7 +3,7 @@
 ``OUT/rank<r>.json``: the pushes (step, names, checksum), the rows of each rollout, and the checksum
 of the engine's own weights at the end.
 
-    torchrun --standalone --nproc_per_node=2 tests/rollout_standin_worker.py OUT
+    torchrun --standalone --nproc_per_node=2 tests/rollout_standin_worker.py OUT [OVERRIDE ...]
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from tests.rollout_standin import BUILT, StandInEngine  # noqa: E402
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
-    train(compose_cfg([*TINY, "algo=grpo", "rollout.engine=standin", "logger=none"]), run_dir=out / "run")
+    extra = sys.argv[2:]  # e.g. trainer.parallel=fsdp2
+    cfg = compose_cfg([*TINY, "algo=grpo", "rollout.engine=standin", "logger=none", *extra])
+    train(cfg, run_dir=out / "run")
     engine = BUILT[-1]
     assert isinstance(engine, StandInEngine)
     record = {

@@ -234,11 +234,6 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
             None,
             r"trainer.parallel=fsdp2 needs torchrun's environment \(RANK, WORLD_SIZE",
         ),
-        (
-            ["trainer.parallel=fsdp2", "rollout.engine=standin"],  # tests/rollout_standin.py's engine
-            "2",
-            r"trainer.parallel=fsdp2 with rollout.engine=standin is not built \(the engine takes whole",
-        ),
         (["trainer.parallel=zero3"], None, r"trainer.parallel='zero3' is not one of auto, none, ddp, fsdp2"),
         ([], "3", r"trainer.prompts_per_step=4 is not divisible by the world size 3"),
         (["trainer.parallel=none"], "2", r"trainer.parallel=none under torchrun with WORLD_SIZE=2"),

@@ -138,14 +138,16 @@ def test_a_resumed_run_pushes_the_restored_weights_before_it_samples(tmp_path):
     assert metrics(cut) == metrics(whole)  # and the resumed run is the same run
 
 
-def test_under_torchrun_every_rank_pushes_the_same_weights_into_its_own_engine(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_under_torchrun_every_rank_pushes_the_same_weights_into_its_own_engine(tmp_path, parallel):
     """2 ranks (gloo, one thread each), a stand-in engine per rank: each samples its half of the global
-    batch and gets the same pushes (the ranks' policies are equal after every all-reduced update)."""
+    batch and gets the same pushes (the ranks' policies are equal after every all-reduced update; under
+    fsdp2 each push gathers the sharded parameters whole)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     worker = REPO / "tests" / "rollout_standin_worker.py"
     res = subprocess.run(
-        [*torchrun, str(worker), str(tmp_path)],
+        [*torchrun, str(worker), str(tmp_path), f"trainer.parallel={parallel}"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
