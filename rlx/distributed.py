@@ -196,6 +196,20 @@ def union_keys(values: dict[str, Any]) -> list[str]:
     return sorted({k for keys in gather_objects(sorted(values)) for k in keys})
 
 
+# A signal that reached this rank after the last training step (rlx.train.StopSignals): under torchrun
+# it is not raised where it lands, which could be between two collectives the other ranks will still
+# enter, but kept here until the ranks next agree (`signal_everywhere`).
+PENDING_SIGNAL: list[int] = []
+
+
+def signal_everywhere() -> int | None:
+    """The signal any rank has pending (all-reduce MAX of the signal numbers; one process: its own), or
+    None. Every rank calls it at the same point."""
+    mine = float(PENDING_SIGNAL[-1]) if PENDING_SIGNAL else 0.0
+    signum = int(all_reduce_max(mine)) if active() else int(mine)
+    return signum or None
+
+
 def agree(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on any rank (all-reduce MAX of the flag)."""
     if not active():

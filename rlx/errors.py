@@ -32,3 +32,12 @@ def require(ok: bool, message: str) -> None:
     """Raise `RlxError(message)` unless ``ok``: the config checks read as a list of rules."""
     if not ok:
         raise RlxError(message)
+
+
+class StopNow(Exception):
+    """A signal after the last training step (final evaluation, final model): stop at once (one
+    process), or at the ranks' next agreement under torchrun (`rlx.distributed.signal_everywhere`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

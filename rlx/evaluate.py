@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlx import distributed
+from rlx.errors import StopNow
 from rlx.models import Policy, Sampling
 from rlx.registry import Resolved
 from rlx.rewards import max_reward_of, score_completions, verified_correct
@@ -46,9 +47,16 @@ def evaluate(
     rank, world_size = distributed.world()
     lo, hi = shard_bounds(len(batch), rank, world_size)
     rows: list[dict[str, Any]] = []
-    for start in range(lo, hi, batch_size):  # no collective inside: the shares may differ by one
-        part = batch.select(list(range(start, min(start + batch_size, hi))))
-        rows += _evaluate_part(policy, task, reward, sampling, part, greedy, max_reward)
+    # No collective inside: the shares may differ by one prompt, so the ranks' numbers of batches too
+    # (fsdp2: the parameters are gathered once for all of them, not once per generate call).
+    with distributed.FullParameters(getattr(policy, "model", None)):
+        for start in range(lo, hi, batch_size):
+            if distributed.PENDING_SIGNAL:  # a signal after the last step (torchrun): stop generating
+                break
+            part = batch.select(list(range(start, min(start + batch_size, hi))))
+            rows += _evaluate_part(policy, task, reward, sampling, part, greedy, max_reward)
+    if world_size > 1 and (signum := distributed.signal_everywhere()) is not None:
+        raise StopNow(signum)  # every rank, before the gather (rlx.train.StopSignals)
     rows = [row for share in distributed.gather_objects(rows) for row in share]  # the prompts' order
     n = max(len(rows), 1)
     metrics = {

@@ -31,7 +31,7 @@ from rlx.checkpoint import (
     save_model_dir,
     set_rng_state,
 )
-from rlx.errors import NonFiniteError, RlxError, StopRequested, require
+from rlx.errors import NonFiniteError, RlxError, StopNow, StopRequested, require
 from rlx.loops import (
     LOOPS,
     EvalSettings,
@@ -249,14 +249,6 @@ def _savable(trainer: Trainer) -> tuple[Any, dict[str, Any] | None]:
     return trainer.policy, trainer.optimizer.state_dict() if trainer.optimizer is not None else None
 
 
-class StopNow(Exception):
-    """A signal after the last training step (final evaluation, final model): stop at once."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 class RunFinished(Exception):
     """The job's run directory holds this very run, finished: nothing to do."""
 
@@ -269,7 +261,10 @@ class StopSignals:
     """SIGINT / SIGTERM during training: the first one lets the current step finish, then the loop
     saves a checkpoint and stops (`LoopContext.step_done`); a second SIGINT exits at once. After the
     last step (``at_once``: the final evaluation and model, nothing left to lose) the first signal
-    stops at once (`StopNow`)."""
+    stops at once (`StopNow`); under torchrun it is kept for the ranks' next agreement instead
+    (`rlx.distributed.signal_everywhere`: before the evaluation's gather and after it), so that a signal
+    reaching one rank stops every rank with the same line rather than leaving the others in a
+    collective it never joins."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -291,6 +286,10 @@ class StopSignals:
         if self.signum is not None:  # the second signal: no more waiting
             raise KeyboardInterrupt
         self.signum = signum
+        if self.at_once and distributed.active():
+            distributed.PENDING_SIGNAL.append(signum)
+            console.print(f"[yellow]{signal.Signals(signum).name}: stopping with the other ranks[/yellow]")
+            return
         if self.at_once:
             raise StopNow(signum)
         console.print(  # not through logging: a signal handler must not wait on logging's locks
@@ -520,8 +519,10 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
                 session.checkpoint_now()  # the last step: a rerun after a kill, or an extension, starts here
             session.signals.at_once = True  # from here a signal stops at once: nothing is left to lose
             if session.signals.signum is not None:  # one that came after the last step's own check
-                raise StopNow(session.signals.signum)
+                distributed.PENDING_SIGNAL.append(session.signals.signum)
+            _stop_if_signalled()
             final = trainer.evaluate()
+            _stop_if_signalled()  # under torchrun: one that reached a rank in the evaluation's gather
             tracker.log_metrics(final, step=trainer.step)
             saved, _ = _savable(trainer)  # h11f: fsdp2 gathers the whole weights on every rank
             if rank == 0:
@@ -533,10 +534,9 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
         raise NonFiniteError(f"{exc}; stopped; the state it reached is in {path}") from exc
     except StopNow as exc:  # during the final evaluation: the rerun resumes at the last step
         status = "KILLED"
-        # h11: only this rank got the signal after training: no collective (only rank 0 writes; nothing
-        # of the other ranks' RNG is needed after the last step; the others, in the sharded final
-        # evaluation's gather, see this rank end and stop with "another rank ended")
-        raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now(gather=False))) from None
+        # h11: every rank raised it together (`_stop_if_signalled` agreed), so the checkpoint's
+        # collectives (fsdp2's gathered weights) are joined by all
+        raise StopRequested(exc.signum, trainer.step, str(session.checkpoint_now())) from None
     except (StopRequested, KeyboardInterrupt):
         status = "KILLED"
         raise
@@ -554,6 +554,14 @@ def train(cfg: DictConfig | dict[str, Any], run_dir: Path | None = None) -> dict
         title = f"rlx train: algo={c['algo'].get('name')} reward={c['reward'].get('name')}"
         log.info(as_text(summary_table(title, summary)))
     return summary
+
+
+def _stop_if_signalled() -> None:
+    """After the last step: `StopNow` on every rank when a signal reached any of them (one process: when
+    one arrived; under torchrun one all-reduce, the same point on every rank)."""
+    signum = distributed.signal_everywhere()
+    if signum is not None:
+        raise StopNow(signum)
 
 
 def _save_for_inspection(session: Session) -> Path:

@@ -134,6 +134,12 @@ EVALS: dict[str, list[str]] = {
     "eval_sft": [*BASE, *EVAL, "algo=sft", "algo.batch_size=8", "trainer.micro_batch_size=3"],
     "eval_dpo": [*BASE, *EVAL, "algo=dpo", "algo.batch_size=8", "trainer.micro_batch_size=3"],
 }
+# fsdp2 (under torchrun only): shares whose numbers of generate calls differ (8 prompts in calls of 7:
+# [7, 1]; 7 prompts: [7]), so a per-call gather of the parameters would leave one rank waiting;
+# `rlx.evaluate` gathers them once for the whole evaluation. Compared with one process's eval_grpo.
+EVALS_FSDP2: dict[str, list[str]] = {
+    "fsdp2_eval_grpo": [*EVALS["eval_grpo"], "eval.batch_size=7", "trainer.parallel=fsdp2"],
+}
 
 
 def compose_cfg(overrides: list[str]):
@@ -321,8 +327,8 @@ def run_eval(name: str, out: Path, data: Path) -> None:
     from rlx import distributed
     from rlx.train import build
 
-    overrides = list(EVALS[name])
-    if name != "eval_grpo":
+    overrides = list(EVALS[name] if name in EVALS else EVALS_FSDP2[name])
+    if name.removeprefix("fsdp2_") != "eval_grpo":
         kind = "sft" if name == "eval_sft" else "pairs"
         overrides += [
             f"data.train={data / f'{kind}_train.jsonl'}",
@@ -363,12 +369,14 @@ def run_eval(name: str, out: Path, data: Path) -> None:
 
 def main() -> None:
     out, data = Path(sys.argv[1]), Path(sys.argv[2])
-    names = sys.argv[3:] or [*VARIANTS, *EVALS, *FSDP2, *ROLLOUTS]
+    names = sys.argv[3:] or [*VARIANTS, *EVALS, *FSDP2, *EVALS_FSDP2, *ROLLOUTS]
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        if (name in FSDP2 or name in ROLLOUTS) and "WORLD_SIZE" not in os.environ:  # they need torchrun
+        torchrun_only = name in FSDP2 or name in EVALS_FSDP2 or name in ROLLOUTS
+        if torchrun_only and "WORLD_SIZE" not in os.environ:
             continue
-        (run_eval if name in EVALS else run_rollouts if name in ROLLOUTS else run)(name, out, data)
+        evals = name in EVALS or name in EVALS_FSDP2
+        (run_eval if evals else run_rollouts if name in ROLLOUTS else run)(name, out, data)
     from rlx.distributed import shutdown
 
     shutdown()

@@ -30,7 +30,7 @@ from tests.conftest import REPO, TINY_GPT
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 sys.path.insert(0, str(REPO))
-from tests.distributed_worker import EVALS, FSDP2, VARIANTS, write_tiny_hf  # noqa: E402
+from tests.distributed_worker import EVALS, EVALS_FSDP2, FSDP2, VARIANTS, write_tiny_hf  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -215,6 +215,20 @@ def test_held_out_evaluation_is_sharded_and_equals_one_process(
             assert m2[key] == pytest.approx(m1[key], rel=1e-6, abs=1e-7), key
     else:
         assert one["scored"] == [[]] and two["scored"] == [[], []]
+
+
+def test_fsdp2_evaluation_with_unequal_numbers_of_generate_calls_equals_one_process(
+    updates: tuple[Path, Path],
+) -> None:
+    """fsdp2: rank 0 answers its 8 held-out prompts in 2 generate calls (7 + 1), rank 1 its 7 in one; the
+    sharded parameters are gathered once for the whole evaluation, so no rank waits on a collective the
+    other never joins, and the metrics equal one process's (its 15 prompts in calls of 4)."""
+    (name,) = EVALS_FSDP2
+    one = torch.load(updates[0] / "eval_grpo.pt", weights_only=False)
+    two = torch.load(updates[1] / f"{name}.pt", weights_only=False)
+    assert two["world_size"] == 2 and two["generated"] == [[7, 1], [7]]
+    for key in ("eval/reward", "eval/exact", "eval/reward_norm"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-6), key
 
 
 # -- bad input: one line before anything runs -------------------------------------------------------

@@ -296,3 +296,41 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == int(checkpoint.name.split("_")[1])
     assert len(rows.read_text().splitlines()) == state["step"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_sigterm_to_one_rank_during_the_final_evaluation_stops_every_rank_alike(
+    tmp_path: Path, parallel: str
+) -> None:
+    """SIGTERM reaches rank 1 only, during a long sharded final evaluation (after the last checkpoint):
+    rank 1 stops generating, the ranks agree before the evaluation's gather, and both exit with the
+    same "stopped by SIGTERM after step 3" line (not one stopped and one failed on a dead peer); the
+    same command then evaluates and finishes."""
+    args = [
+        *[a for a in RUN if not a.startswith(("task.eval_size", "trainer.steps", "trainer.save_every"))],
+        "trainer.steps=3",
+        "trainer.save_every=3",
+        "task.eval_size=5000",  # 2500 held-out prompts per rank, 4 at a time: many seconds
+        "eval.batch_size=4",
+        f"trainer.parallel={parallel}",
+        "hydra.run.dir=run",
+    ]
+    proc = launch(tmp_path, *args)
+    state = tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.pt"
+    deadline = time.time() + 240
+    while not state.is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.output()[-3000:]
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the final evaluation
+    started = time.time()
+    os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
+    code, err = proc.finish(timeout=120)
+    assert time.time() - started < 60 and code != 0, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("rlx: stopped by SIGTERM")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "after step 3" in lines[0], err[-3000:]
+    assert "another rank ended" not in err, err[-3000:]
+    assert not (tmp_path / "run" / "final").exists()
+    again = launch(tmp_path, *args)  # the same command: resumes at step 3, evaluates, finishes
+    code, err = again.finish(timeout=300)
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
