@@ -63,6 +63,16 @@ VARIANTS: dict[str, list[str]] = {
     "ppo_head": [*ONLINE, "algo=ppo", "algo.minibatches=1", "algo.epochs=2", "trainer.micro_batch_size=5"],
     "ppo_separate": [*ONLINE, "algo=ppo", "algo.critic=separate", "algo.minibatches=1", "algo.epochs=2"],
     "trpo": [*ONLINE, "algo=trpo", "trainer.micro_batch_size=4"],
+    # PPO's KL early stop (algo.early_stop_kl): decided on the all-reduced KL, so every rank stops after
+    # the same minibatch (4 epochs x 2 minibatches planned; it stops within the first epoch or two)
+    "ppo_early_stop": [
+        *ONLINE,
+        "algo=ppo",
+        "algo.minibatches=2",
+        "algo.epochs=4",
+        "algo.early_stop_kl=1e-5",
+        "trainer.micro_batch_size=5",
+    ],
     "sft": [*BASE, "algo=sft", "algo.batch_size=8", "trainer.micro_batch_size=3"],
     "dpo": [*BASE, "algo=dpo", "algo.batch_size=8", "trainer.micro_batch_size=3"],
     # h11g: an epoch's last, smaller batch: 9 rows in batches of 8, so the second step has 1 row (rank 0's;
@@ -93,6 +103,7 @@ FSDP2: dict[str, list[str]] = {
         "ppo_separate",
         "ppo_head",
         "trpo",
+        "ppo_early_stop",
         "sft",
         "dpo",
         "sft_last",

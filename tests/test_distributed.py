@@ -89,6 +89,7 @@ EXACT = (
     "trpo/kl",
     "rewards/accuracy",
     "loss/sft",
+    "early_stop",  # epochs done before the KL early stop (algo.early_stop_kl)
 )
 
 
@@ -110,6 +111,9 @@ def test_two_ranks_give_the_one_process_update(updates: tuple[Path, Path], varia
                 assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
     if "kl_coef" in one:
         assert two["kl_coef"] == pytest.approx(one["kl_coef"], rel=1e-9)
+    if variant == "ppo_early_stop":  # it did stop early (after the same minibatch on both: EXACT)
+        done = [m["early_stop"] for m in one["metrics"]]
+        assert all(d < 4 for d in done) and any(d > 0 for d in done), done
 
 
 @pytest.mark.parametrize("variant", list(FSDP2))
@@ -130,12 +134,15 @@ def test_fsdp2_on_two_ranks_gives_the_one_process_update(updates: tuple[Path, Pa
     if base != "trpo":  # (TRPO's passes are its own: `WholeParameters` gathers the weights once)
         assert total0 == total1 > 0  # the same number of passes on both ranks
     padded = {
-        "fsdp2_uneven_adv_group_std": 4,
-        "fsdp2_uneven_ppo_head": 8,
-        "fsdp2_sft_last": 1,
-        "fsdp2_rm_last": 1,
+        "fsdp2_uneven_adv_group_std": (0, 4),
+        "fsdp2_uneven_ppo_head": (0, 8),
+        "fsdp2_sft_last": (0, 1),
+        "fsdp2_rm_last": (0, 1),
+        # minibatches drawn from the global batch (`minibatch_rows`): a rank's share of a minibatch may
+        # be smaller than the other's (this seeded draw: one micro-batch fewer on each rank, once)
+        "fsdp2_ppo_early_stop": (1, 1),
     }
-    assert (pad0, pad1) == (0, padded.get(variant, 0))
+    assert (pad0, pad1) == padded.get(variant, (0, 0))
     assert one["params"].shape == two["params"].shape
     assert (one["params"] - two["params"]).abs().max().item() < 1e-6
     for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):

@@ -90,6 +90,7 @@ def build_online(ctx: LoopContext) -> OnlineTrainer:
         temperature=sampling.temperature,
         max_len=algo.max_len or int(sampling.max_new_tokens or 1),
         kl_in_loss=op.pieces.kl is not None and op.kl.placement == "loss" and op.kl.coef > 0,
+        seed=t.seed,
     )
     return OnlineTrainer(ctx, learner, build_engine(policy, ctx.plan))  # h11v: rollout.engine
 

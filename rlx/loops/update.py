@@ -3,7 +3,7 @@
 ``UPDATES[algo.update](learner, batch, step=..., kl_coef=...) -> metrics``:
 
 - ``sgd`` (every preset but trpo): for epoch in 1..epochs, for each of ``minibatches`` shuffled
-  minibatches, split into micro-batches for memory:
+  minibatches of the global batch (`minibatch_rows`), split into micro-batches for memory:
 
       loss = aggregate(policy loss)                       # the registry's loss, algo.aggregation
              + vf_coef * token_mean(value loss)           # when there is a critic
@@ -30,9 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from rlx import distributed
 from rlx.distributed import (
     all_reduce_dict,
     all_reduce_sum,
@@ -109,6 +111,7 @@ class Learner:
     temperature: float
     max_len: int
     kl_in_loss: bool = False
+    seed: int = 0  # trainer.seed: the minibatch draw's (`minibatch_rows`)
 
     def aggregate(self, num_tokens: float, num_seqs: int) -> Callable[[Tensor, Tensor], Tensor]:
         """``algo.aggregation`` with the minibatch's counts (what makes micro-batches add up)."""
@@ -233,21 +236,43 @@ def zero_weight_pass(learner: Learner, batch: Batch, rows: Tensor) -> bool:
     return True
 
 
+def minibatch_rows(n: int, minibatches: int, *, seed: int, step: int, epoch: int) -> list[Tensor]:
+    """This rank's rows of each of ``minibatches`` minibatches of the *global* batch, for one epoch.
+
+    The global batch (every rank's ``n`` rows, in rank order) is permuted by a generator seeded with
+    (trainer.seed, step, epoch), the same on every rank and in one process, and cut into minibatches of
+    N // minibatches rows (a remainder is left out, as in one process); a rank takes the members that
+    are its own rows. So 2 ranks update on exactly the minibatches one process does, where a per-rank
+    shuffle (TRL's) would draw other ones. The draw keeps no state (resume needs nothing) and does not
+    depend on how much of the global RNG sampling used. One minibatch: the rows in order."""
+    counts = [n] if not distributed.active() else [int(c) for c in distributed.gather_objects(n)]
+    offset, total = sum(counts[: distributed.world()[0]]), sum(counts)
+    if minibatches <= 1:
+        return [torch.arange(n)]
+    state = np.random.SeedSequence([seed, step, epoch]).generate_state(2)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    perm = torch.randperm(total, generator=generator)
+    size = total // minibatches
+    out = []
+    for mb in range(minibatches):
+        members = perm[mb * size : (mb + 1) * size]
+        out.append(members[(members >= offset) & (members < offset + n)] - offset)
+    return out
+
+
 @UPDATES.register("sgd")
 def sgd_update(learner: Learner, batch: Batch, *, step: int, kl_coef: float) -> dict[str, float]:
     """epochs x minibatches x micro-batches of the loss above, one `optimizer_step` per minibatch."""
     ro, algo = batch.rollout, learner.algo
     n = len(ro.tokens)
-    mb_size = n // algo.minibatches
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     steps_done = 0
     stopped = False
     for epoch in range(algo.epochs):
-        device = ro.tokens.device
-        perm = torch.randperm(n, device=device) if algo.minibatches > 1 else torch.arange(n, device=device)
-        for mb in range(algo.minibatches):
-            rows = perm[mb * mb_size : (mb + 1) * mb_size]
+        parts = minibatch_rows(n, algo.minibatches, seed=learner.seed, step=step, epoch=epoch)
+        for rows in parts:
+            rows = rows.to(ro.tokens.device)
             m, kl_old = minibatch_gradients(  # h12: the entropy metric from the first epoch only
                 learner, batch, rows, step=step, kl_coef=kl_coef, log_entropy=epoch == 0
             )
@@ -287,13 +312,11 @@ def fit_critic(learner: Learner, batch: Batch, *, step: int) -> dict[str, float]
     assert learner.critic is not None and batch.values is not None and batch.returns is not None
     ro, algo = batch.rollout, learner.algo
     n = len(ro.tokens)
-    mb_size = n // algo.minibatches
     sums: dict[str, float] = defaultdict(float)
     steps = 0
-    for _epoch in range(algo.epochs):
-        perm = torch.randperm(n, device=ro.tokens.device) if algo.minibatches > 1 else torch.arange(n)
-        for mb in range(algo.minibatches):
-            rows = perm[mb * mb_size : (mb + 1) * mb_size].to(ro.tokens.device)
+    for epoch in range(algo.epochs):
+        for rows in minibatch_rows(n, algo.minibatches, seed=learner.seed, step=step, epoch=epoch):
+            rows = rows.to(ro.tokens.device)
             num_tokens = all_reduce_sum(ro.mask[rows].sum().item())  # h11: global counts
             num_seqs = int(all_reduce_sum(len(rows)))
             zero_grad(learner.optimizers)
