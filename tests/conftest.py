@@ -65,7 +65,59 @@ def run_rlx(*args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | Non
 ONE_WORKER_FILES = ("test_distributed.py", "test_mlflow_ui.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in ONE_WORKER_FILES:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """pytest-xdist 3.8 groups tests by renaming ``item._nodeid``, which pytest 9.2 no longer reads
+    (pyproject.toml pins pytest below 9.2): fail the session (xdist shows it as an INTERNALERROR) instead
+    of silently building each module fixture once per worker (an 80 s torchrun job run twice)."""
+    if not getattr(session.config.option, "loadgroup", False):  # not a `--dist loadgroup` worker
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist's --dist loadgroup did not take effect on {item.nodeid} (pytest "
+                f"{pytest.__version__}); install the pytest version pyproject.toml names"
+            )
+
+
+def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``rlx <args>`` run in this process, for a command that must be refused before any work: the same
+    ``rlx.cli.main`` the console script calls, its stdout, stderr and exit status, without paying a new
+    interpreter's ~8 s of torch and transformers imports per case. A command that passes the pre-flight
+    check fails the test here instead of training in-process. A handful of tests keep the refusal of the
+    installed script in a real process (tests/test_cli.py, tests/test_settings.py)."""
+    import contextlib
+    import io
+
+    from rlx import cli
+
+    def _passed_the_check() -> None:
+        raise AssertionError(f"rlx {' '.join(args)} passed the pre-flight check; expected a refusal")
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_env, saved_argv, saved_cwd = dict(os.environ), list(sys.argv), os.getcwd()
+    saved_main = cli._hydra_main
+    os.environ.update({"HYDRA_FULL_ERROR": "0", **(env or {})})
+    cli._hydra_main = lambda: _passed_the_check  # Hydra's decorated main: a refusal never reaches it
+    cli._COMPOSED.clear()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        cli._hydra_main = saved_main
+        cli._COMPOSED.clear()
+        sys.argv[:] = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["rlx", *args], code, out.getvalue(), err.getvalue())

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlx.cli import config_groups, main
-from tests.conftest import REPO, TINY, compose_cfg, run_rlx
+from tests.conftest import REPO, TINY, compose_cfg, rlx_refused, run_rlx
 
 BAD_INPUT = [
     (
@@ -144,7 +144,7 @@ def test_a_run_then_rlx_eval(tmp_path):
     final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert metrics["eval/exact"] == final["eval/exact"]  # the same greedy evaluation, reproduced
     assert metrics["eval/reward"] == pytest.approx(final["eval/reward"])
-    res = run_rlx("eval", str(tmp_path / "nowhere"), cwd=tmp_path)
+    res = rlx_refused("eval", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.startswith("rlx: error: ")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from rlx.cli import main
 from rlx.train import train
-from tests.conftest import TINY, compose_cfg, run_rlx
+from tests.conftest import TINY, compose_cfg, rlx_refused, run_rlx
 
 BIN = str(Path(sys.executable).parent)
 
@@ -78,7 +78,7 @@ def test_sample_takes_prompts_as_rlx_eval_prints_them(untrained_run, tmp_path):
     assert lists.returncode == 0 and texts.returncode == 0, lists.stderr + texts.stderr
     assert json.loads(lists.stdout) == json.loads(texts.stdout)
     assert json.loads(lists.stdout)["prompt"] == "8 2 7 0"
-    bad = run_rlx("sample", str(untrained_run), "-p", "8 x 7 0", "--no-base", cwd=tmp_path)
+    bad = rlx_refused("sample", str(untrained_run), "-p", "8 x 7 0", "--no-base", cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "cannot be encoded by model tiny_gpt" in bad.stderr and "look like '" in bad.stderr
 

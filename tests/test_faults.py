@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, RLX, TINY_GPT, run_rlx
+from tests.conftest import REPO, RLX, TINY_GPT, rlx_refused, run_rlx
 
 RUN = [
     *TINY_GPT,
@@ -90,7 +90,7 @@ def test_a_hostile_directory_config_runs_nothing(finished, tmp_path, command, ed
     )
     model_dir = hostile_copy(finished / "final", tmp_path / "model", lambda c: HOSTILE_EDITS[edit](c, pwned))
     extra = ["-p", "3 1 2 0"] if command == "sample" else []
-    res = run_rlx(command, str(model_dir), *extra, "--device", "cpu", cwd=tmp_path)
+    res = rlx_refused(command, str(model_dir), *extra, "--device", "cpu", cwd=tmp_path)
     if edit == "custom_reward_module" and command == "sample":  # sample uses no reward: nothing imported
         assert res.returncode == 0, res.stderr[-2000:]
         assert not pwned.exists(), "code named in a directory's config was executed"
@@ -264,7 +264,7 @@ def test_resume_none_never_destroys_a_previous_run(finished, tmp_path):
     run = shutil.copytree(finished, tmp_path / "run")
     before = snapshot(run)
     line = one_error_line(
-        run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", "trainer.resume=none", cwd=tmp_path)
+        rlx_refused("train", *RUN, "logger=none", "hydra.run.dir=run", "trainer.resume=none", cwd=tmp_path)
     )
     assert "trainer.resume=none" in line and "hydra.run.dir=run-2" in line
     assert snapshot(run) == before
@@ -274,7 +274,7 @@ def test_a_refused_resume_writes_nothing(finished, tmp_path):
     run = shutil.copytree(finished, tmp_path / "run")
     before = snapshot(run)
     line = one_error_line(
-        run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", "trainer.lr=1e-3", cwd=tmp_path)
+        rlx_refused("train", *RUN, "logger=none", "hydra.run.dir=run", "trainer.lr=1e-3", cwd=tmp_path)
     )
     assert "different config" in line and "trainer.lr" in line and "hydra.run.dir=" in line
     assert snapshot(run) == before  # .hydra/overrides.yaml keeps the run's own overrides
@@ -288,7 +288,7 @@ def test_a_truncated_model_file_is_found_before_anything_is_written(finished, tm
     weights = run / "checkpoints" / "step_000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     before = snapshot(run)
-    line = one_error_line(run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=tmp_path))
+    line = one_error_line(rlx_refused("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=tmp_path))
     assert "corrupt or truncated" in line and "model.safetensors" in line
     assert snapshot(run) == before  # metrics.jsonl not truncated, tracking.json still RUNNING
 
@@ -533,7 +533,7 @@ def test_the_accepted_values_run_to_the_end(tmp_path):
         assert res.returncode == 0, (name, res.stderr[-2000:])
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
     line = one_error_line(
-        run_rlx("train", *RUN, "logger=none", "trainer.resume=x", "hydra.run.dir=r", cwd=tmp_path)
+        rlx_refused("train", *RUN, "logger=none", "trainer.resume=x", "hydra.run.dir=r", cwd=tmp_path)
     )
     assert "trainer.resume=x" in line and not (tmp_path / "r").exists()
 
@@ -569,7 +569,7 @@ def test_a_custom_reward_returning_strings_is_one_line(tmp_path):
 def test_data_sort_into_a_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "FILE").write_text("a file")
     line = one_error_line(
-        run_rlx("data", "sort", "--out", "FILE/x", "--train", "10", "--heldout", "5", cwd=tmp_path)
+        rlx_refused("data", "sort", "--out", "FILE/x", "--train", "10", "--heldout", "5", cwd=tmp_path)
     )
     assert "--out FILE/x" in line and "not a directory" in line
     assert (tmp_path / "FILE").read_text() == "a file"
@@ -589,7 +589,7 @@ def test_data_sort_into_a_path_under_a_file_is_one_line(tmp_path):
     ],
 )
 def test_start_up_gaps_are_closed(tmp_path, override, message):
-    line = one_error_line(run_rlx("train", *RUN, override, "logger=none", cwd=tmp_path))
+    line = one_error_line(rlx_refused("train", *RUN, override, "logger=none", cwd=tmp_path))
     assert message in line
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.jsonl"))
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY, run_rlx
+from tests.conftest import REPO, TINY, rlx_refused, run_rlx
 
 
 def test_a_submitit_local_sweep_of_two_jobs_completes_with_a_parent_run(tmp_path):
@@ -195,8 +195,8 @@ def test_a_slurm_sweep_without_slurm_stops_in_one_line_before_any_file(tmp_path,
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     if shutil.which("sbatch") and shutil.which("srun"):
         pytest.skip("this machine has SLURM: the sweep would be submitted")
-    res = run_rlx("train", "-m", f"hydra/launcher={preset}", "trainer.seed=0,1", "hydra.sweep.dir=sweep",
-                  cwd=tmp_path)  # fmt: skip
+    res = rlx_refused("train", "-m", f"hydra/launcher={preset}", "trainer.seed=0,1", "hydra.sweep.dir=sweep",
+                      cwd=tmp_path)  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.strip() == (
         f"rlx: error: hydra/launcher={preset} submits the jobs to SLURM, but sbatch/srun are not on this "

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from rlx.checkpoint import list_checkpoints, load_model_weights, save_checkpoint
 from rlx.errors import RlxError
 from rlx.train import build
-from tests.conftest import REPO, RLX, TINY_GPT, compose_cfg, run_rlx
+from tests.conftest import REPO, RLX, TINY_GPT, compose_cfg, rlx_refused, run_rlx
 
 STEPS = 24
 RUN = [
@@ -157,7 +157,7 @@ def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _resume_error(tmp_path: Path, checkpoint: Path, *extra: str) -> str:
-    res = run_rlx(
+    res = rlx_refused(
         "train",
         *RUN,
         "trainer.steps=3",
@@ -243,7 +243,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
 def test_an_unwritable_output_directory_is_one_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    res = run_rlx("train", *RUN, "logger=none", f"hydra.run.dir={blocker}/run", cwd=tmp_path)
+    res = rlx_refused("train", *RUN, "logger=none", f"hydra.run.dir={blocker}/run", cwd=tmp_path)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     assert str(blocker) in res.stderr and "rlx: error" in res.stderr

@@ -14,7 +14,7 @@ from rlx.models.tokenizer import build_number_tokenizer
 from rlx.rewards import REWARDS
 from rlx.tasks.sort import SortTask
 from rlx.train import plan, train
-from tests.conftest import TINY, compose_cfg, run_rlx
+from tests.conftest import TINY, compose_cfg, rlx_refused
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_bad_reward_model_directories_fail_at_plan_time(tmp_path):
 
 
 def test_cli_reports_a_missing_reward_model_in_one_line(tmp_path):
-    proc = run_rlx("train", "reward=model", f"reward.path={tmp_path / 'nope'}", cwd=tmp_path)
+    proc = rlx_refused("train", "reward=model", f"reward.path={tmp_path / 'nope'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"rlx: error: reward model directory {tmp_path / 'nope'} does not exist"

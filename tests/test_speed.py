@@ -13,7 +13,7 @@ from rlx.losses.entropy import token_entropy
 from rlx.models import Policy, Sampling, token_logp
 from rlx.models.tokenizer import build_number_tokenizer
 from rlx.tasks.sort import SortTask
-from tests.conftest import TINY, run_rlx
+from tests.conftest import TINY, rlx_refused, run_rlx
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_trainer_threads_is_applied_in_a_real_run(threads, env, expected, tmp_pa
 
 
 def test_trainer_threads_refuses_a_negative_count(tmp_path):
-    out = run_rlx("train", *TINY, "trainer.threads=-1", "logger=none", cwd=tmp_path)
+    out = rlx_refused("train", *TINY, "trainer.threads=-1", "logger=none", cwd=tmp_path)
     assert out.returncode == 2
     assert "trainer.threads must be auto" in out.stderr
 

@@ -21,7 +21,7 @@ from rlx.rewards import REWARDS, check_combined, score_completions, verified_cor
 from rlx.rewards.format import R1_TEMPLATE
 from rlx.tasks.text import TextPromptTask
 from rlx.train import StopSignals, plan, train
-from tests.conftest import compose_cfg, run_rlx
+from tests.conftest import compose_cfg, rlx_refused, run_rlx
 
 TINY_CHAR = ["model=char_gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "logger=none"]
 TINY_ONLINE = [
@@ -275,7 +275,7 @@ def test_missing_answer_column_is_refused_at_start_up(tmp_path):
     default_gt = r"task.ground_truth='answer' \(by default reward=math's reward.column\): .* has no such"
     with pytest.raises(RlxError, match=default_gt):
         plan(compose_cfg([*TINY_CHAR, *TINY_ONLINE, "task=text", f"task.path={data}", "reward=math"]))
-    res = run_rlx("train", *base, "reward=math", cwd=tmp_path)
+    res = rlx_refused("train", *base, "reward=math", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("rlx: error: reward=math verifies against column 'answer'")
 
