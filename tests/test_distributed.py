@@ -296,10 +296,10 @@ def test_an_offline_batch_the_ranks_cannot_split_is_refused(monkeypatch, data: P
 
 
 def test_ddp_without_torchrun_is_one_line_from_the_cli(tmp_path: Path) -> None:
-    from tests.conftest import TINY, run_rlx
+    from tests.conftest import TINY, rlx_refused
 
     env = {k: "" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    res = run_rlx("train", *TINY, "trainer.parallel=ddp", cwd=tmp_path, env=env)
+    res = rlx_refused("train", *TINY, "trainer.parallel=ddp", cwd=tmp_path, env=env)
     assert res.returncode == 2
     assert res.stderr.startswith("rlx: error: trainer.parallel=ddp needs torchrun's environment")
     assert res.stderr.count("\n") == 1 and not (tmp_path / "outputs").exists()

@@ -305,7 +305,7 @@ def test_sigterm_to_one_rank_during_the_final_evaluation_stops_every_rank_alike(
     """SIGTERM reaches rank 1 only, during a long sharded final evaluation (after the last checkpoint):
     rank 1 stops generating, the ranks agree before the evaluation's gather, and both exit with the
     same "stopped by SIGTERM after step 3" line (not one stopped and one failed on a dead peer); the
-    same command then evaluates and finishes."""
+    same command then evaluates and finishes (under ddp: the rerun's whole evaluation takes ~30 s)."""
     args = [
         *[a for a in RUN if not a.startswith(("task.eval_size", "trainer.steps", "trainer.save_every"))],
         "trainer.steps=3",
@@ -330,6 +330,8 @@ def test_sigterm_to_one_rank_during_the_final_evaluation_stops_every_rank_alike(
     assert len(lines) == 2 and lines[0] == lines[1] and "after step 3" in lines[0], err[-3000:]
     assert "another rank ended" not in err, err[-3000:]
     assert not (tmp_path / "run" / "final").exists()
+    if parallel == "fsdp2":  # fsdp2's resume is the kill-and-resume test's; the 5000-prompt rerun, ddp's
+        return
     again = launch(tmp_path, *args)  # the same command: resumes at step 3, evaluates, finishes
     code, err = again.finish(timeout=300)
     assert code == 0, err[-3000:]

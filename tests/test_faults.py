@@ -309,7 +309,7 @@ def test_a_finished_run_with_a_constant_lr_extends_exactly(tmp_path):
     assert metrics(tmp_path / "short") == metrics(tmp_path / "long")  # the 6-step run, bit for bit
     # a cosine schedule depends on trainer.steps from step 1: refused, and it says why
     line = one_error_line(
-        run_rlx("train", *RUN, "logger=none", "trainer.steps=6", "hydra.run.dir=short", cwd=tmp_path)
+        rlx_refused("train", *RUN, "logger=none", "trainer.steps=6", "hydra.run.dir=short", cwd=tmp_path)
     )
     assert "trainer.lr_schedule" in line or "lr_schedule=" in line
 
