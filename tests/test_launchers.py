@@ -218,13 +218,13 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tm
     store = tmp_path / "store"
     proc = subprocess.Popen(
         [RLX, "train", "-m", "hydra/launcher=slurm_local", "trainer.seed=0", *TINY_GPT,
-         "trainer.prompts_per_step=4", "trainer.group_size=4", "trainer.steps=200", "trainer.eval_every=0",
+         "trainer.prompts_per_step=4", "trainer.group_size=4", "trainer.steps=80", "trainer.eval_every=0",
          "trainer.save_every=5", "task.eval_size=16", f"logger.store_dir={store}", "logger.experiment=rq",
          "hydra.sweep.dir=sweep"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    checkpoints = tmp_path / "sweep" / "0" / "checkpoints"
+    checkpoints = tmp_path / "sweep" / "0" / "checkpoints"  # at step 5 of 80: seconds of steps still to go
     deadline = time.time() + 240
     while not (checkpoints.is_dir() and any(checkpoints.glob("step_*"))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -242,9 +242,9 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tm
     assert "this job is preempted" in text and "Requeued job" in text
     assert f"resumedfrom{checkpoints}/step_" in "".join(text.split())  # rich wraps the long path
     rows = [json.loads(x) for x in (tmp_path / "sweep" / "0" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "reward/mean" in r] == list(range(1, 201))
+    assert [r["step"] for r in rows if "reward/mean" in r] == list(range(1, 81))
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rq").experiment_id])
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED"
-    assert len(client.get_metric_history(child.info.run_id, "reward/mean")) == 200
+    assert len(client.get_metric_history(child.info.run_id, "reward/mean")) == 80
