@@ -342,8 +342,6 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from rlx.train import plan
-
     parser = OverridesParser.create()
     for ov in overrides:  # Hydra's own keys too: a typo there should also fail in one line
         try:
@@ -364,6 +362,13 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
         raise RlxError(_explain_hydra_error(exc, overrides)) from exc
     except Exception:  # a sweeper syntax the basic sweeper cannot expand: leave it to Hydra
         return
+    for job in jobs[:256]:  # composed first: a typo in an option or key is refused before torch's import
+        try:
+            _compose(job)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise RlxError(_explain_hydra_error(exc, job)) from exc
+    from rlx.train import plan
+
     for job in jobs[:256]:
         try:
             cfg = _compose(job)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,29 @@ def test_installed_script_from_another_directory_bad_input(tmp_path):
         "dapo, dpo, dr_grpo, grpo, gspo, ipo, ppo, reinforce, reinforce_pp, rloo, rm, sft, spo, trpo"
     )
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("algo=nope", "unknown algo 'nope'"), ("trainer.lrr=1", "unknown key 'trainer.lrr'")],
+)
+def test_a_typo_is_refused_before_torch_and_transformers_are_imported(tmp_path, override, message):
+    """An unknown option or key fails Hydra's compose: refused in a second, not after the ~8 s imports
+    that planning the run needs (a real process: which modules it loaded is the point)."""
+    probe = (
+        "import sys\nfrom rlx.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "    print('exit', e.code, 'imported', heavy)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe, "train", override],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.stdout.strip() == "exit 2 imported []", (res.stdout, res.stderr[-2000:])
+    assert res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
 
 
 def test_help_and_cfg_job_work_from_any_directory(tmp_path):
