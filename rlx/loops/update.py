@@ -245,10 +245,10 @@ def minibatch_rows(n: int, minibatches: int, *, seed: int, step: int, epoch: int
     are its own rows. So 2 ranks update on exactly the minibatches one process does, where a per-rank
     shuffle (TRL's) would draw other ones. The draw keeps no state (resume needs nothing) and does not
     depend on how much of the global RNG sampling used. One minibatch: the rows in order."""
+    if minibatches <= 1:  # the same on every rank (a setting): no gather needed
+        return [torch.arange(n)]
     counts = [n] if not distributed.active() else [int(c) for c in distributed.gather_objects(n)]
     offset, total = sum(counts[: distributed.world()[0]]), sum(counts)
-    if minibatches <= 1:
-        return [torch.arange(n)]
     state = np.random.SeedSequence([seed, step, epoch]).generate_state(2)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     perm = torch.randperm(total, generator=generator)
