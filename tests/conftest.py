@@ -89,9 +89,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``rlx <args>`` run in this process, for a command that must be refused before any work: the same
     ``rlx.cli.main`` the console script calls, its stdout, stderr and exit status, without paying a new
-    interpreter's ~8 s of torch and transformers imports per case. A command that passes the pre-flight
-    check fails the test here instead of training in-process. A handful of tests keep the refusal of the
-    installed script in a real process (tests/test_cli.py, tests/test_settings.py)."""
+    interpreter's ~8 s of torch and transformers imports per case. An ``rlx train`` that passes the
+    pre-flight check fails the test here instead of training in-process; ``rlx eval``/``sample`` that
+    are not refused run in full (one hostile-directory case expects that). A handful of tests keep the
+    refusal of the installed script in a real process (tests/test_cli.py, tests/test_settings.py)."""
     import contextlib
     import io
 
@@ -112,7 +113,7 @@ def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> sub
             try:
                 cli.main(list(args))
             except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
+                code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     finally:
         os.chdir(saved_cwd)
         cli._hydra_main = saved_main
