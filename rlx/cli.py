@@ -362,18 +362,15 @@ def precheck(overrides: list[str], multirun: bool) -> str | None:
         raise RlxError(_explain_hydra_error(exc, overrides)) from exc
     except Exception:  # a sweeper syntax the basic sweeper cannot expand: leave it to Hydra
         return
+    configs = []
     for job in jobs[:256]:  # composed first: a typo in an option or key is refused before torch's import
         try:
-            _compose(job)
+            configs.append(_compose(job))
         except (HydraException, OmegaConfBaseException) as exc:
             raise RlxError(_explain_hydra_error(exc, job)) from exc
     from rlx.train import plan
 
-    for job in jobs[:256]:
-        try:
-            cfg = _compose(job)
-        except (HydraException, OmegaConfBaseException) as exc:
-            raise RlxError(_explain_hydra_error(exc, job)) from exc
+    for job, cfg in zip(jobs, configs):
         try:
             plan(cfg)
         except RlxError as exc:

@@ -45,6 +45,21 @@ def compose_cfg(overrides: list[str] | tuple[str, ...] = ()):
         GlobalHydra.instance().clear()
 
 
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline as a process started with HF_HUB_OFFLINE=1 is: huggingface_hub and datasets read the
+    variable at import, so setting only the variable in a test would take the online path (retries
+    against a hub this machine cannot reach)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedded MLflow store for the session (creating its tables takes seconds)."""

@@ -101,19 +101,9 @@ def test_identical_pairs_are_counted_skipped_and_warned(tmp_path):
     assert len(rows) == 2 and report.skipped_identical == 1
 
 
-def test_missing_file_and_unreachable_hub_dataset(tmp_path, monkeypatch):
+def test_missing_file_and_unreachable_hub_dataset(tmp_path, hub_offline):
     with pytest.raises(RlxError, match="no such file"):
         read_examples(str(tmp_path / "nope.jsonl"), "pairs")
-    # offline as a process started with HF_HUB_OFFLINE=1 is: huggingface_hub and datasets read the variable
-    # at import, so setting only the variable here would try the network (retries, no network here)
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(RlxError, match="not a local file, and loading it from the hub failed"):
         read_examples("rlx-test/definitely-not-a-cached-dataset", "pairs")
 

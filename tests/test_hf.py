@@ -58,15 +58,9 @@ def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tiny_gpt2, tmp_p
     assert plain.format_prompts(["3 1"]) == ["3 1"]
 
 
-def test_missing_directory_and_uncached_hub_id_fail_in_one_line(tmp_path, monkeypatch):
+def test_missing_directory_and_uncached_hub_id_fail_in_one_line(tmp_path, hub_offline):
     with pytest.raises(RlxError, match="no such directory"):
         build_hf(SortTask(eval_size=4), name_or_path=str(tmp_path / "nope"))
-    # HF_HUB_OFFLINE as a process started with it has it: huggingface_hub reads the variable at import,
-    # so setting only the variable here would take the online path (a minute of retries, no network)
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RlxError, match=r"not in the Hugging Face cache, and the machine is offline"):
         build_hf(SortTask(eval_size=4), name_or_path="rlx-test/not-a-cached-model")
 
