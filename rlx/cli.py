@@ -460,12 +460,14 @@ def _hydra_run_dir(overrides: list[str]) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     GlobalHydra.instance().clear()
+    previous = HydraConfig.instance().cfg  # put back: a later train() in this process reads it
     try:
         with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)
             return str(cfg.hydra.run.dir)
     finally:
+        HydraConfig.instance().cfg = previous
         GlobalHydra.instance().clear()
 
 

@@ -163,6 +163,7 @@ class SweepCallback(Callback):
         if self._ended or not self.info.get("parent_run_id"):
             return
         self._ended = True
+        atexit.unregister(self._end)  # a sweep run in-process (the Python API) leaves no hook behind
         try:
             summarise(self.info, self.sweep_dir, status)
         except Exception as exc:  # the sweep's own results are on disk already; say so and go on

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 torch.set_num_threads(1)
 
@@ -101,15 +102,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             )
 
 
-def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``rlx <args>`` run in this process, for a command that must be refused before any work: the same
-    ``rlx.cli.main`` the console script calls, its stdout, stderr and exit status, without paying a new
-    interpreter's ~8 s of torch and transformers imports per case. An ``rlx train`` that passes the
-    pre-flight check fails the test here instead of training in-process; ``rlx eval``/``sample`` that
-    are not refused run in full (one hostile-directory case expects that). A handful of tests keep the
-    refusal of the installed script in a real process (tests/test_cli.py, tests/test_settings.py)."""
+def rlx_in_process(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, refusal: bool = False
+) -> subprocess.CompletedProcess:
+    """``rlx <args>`` run in this process: the same ``rlx.cli.main`` the console script calls, its
+    stdout, stderr and exit status, without paying a new interpreter's torch and transformers imports
+    (about 6 s of CPU on this machine, the largest single cost of the suite). For runs whose process
+    is not the point: signals, torchrun, launchers, resource limits and the installed script keep real
+    processes. What a run changes in this process is put back afterwards: the environment, argv, the
+    working directory, Hydra's global state, the loggers' handlers and levels (Hydra's job logging),
+    torch's thread count and its global random state.
+
+    With ``refusal=True`` the command must be refused before any work: an ``rlx train`` that passes
+    the pre-flight check fails the test instead of training (``rlx eval``/``sample`` that are not
+    refused run in full; one hostile-directory case expects that)."""
     import contextlib
     import io
+    import logging
 
     from rlx import cli
 
@@ -118,9 +127,19 @@ def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> sub
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved_env, saved_argv, saved_cwd = dict(os.environ), list(sys.argv), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_loggers = {  # Hydra's verbosity (`rlx train -v`) sets named loggers' levels
+        name: (lg.level, lg.disabled)
+        for name, lg in logging.root.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
+    saved_threads, saved_rng = torch.get_num_threads(), torch.random.get_rng_state()
     saved_main = cli._hydra_main
+    saved_hydra = HydraConfig.instance().cfg  # Hydra leaves the last job's config in its singleton
     os.environ.update({"HYDRA_FULL_ERROR": "0", **(env or {})})
-    cli._hydra_main = lambda: _passed_the_check  # Hydra's decorated main: a refusal never reaches it
+    if refusal:
+        cli._hydra_main = lambda: _passed_the_check  # Hydra's decorated main: a refusal never reaches it
     cli._COMPOSED.clear()
     try:
         os.chdir(cwd)
@@ -133,7 +152,29 @@ def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> sub
         os.chdir(saved_cwd)
         cli._hydra_main = saved_main
         cli._COMPOSED.clear()
+        HydraConfig.instance().cfg = saved_hydra
+        GlobalHydra.instance().clear()
         sys.argv[:] = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
+        for handler in [h for h in root.handlers if h not in saved_handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved_handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, lg in logging.root.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(saved_loggers.get(name, (logging.NOTSET, False))[0])
+                lg.disabled = saved_loggers.get(name, (logging.NOTSET, False))[1]
+        torch.set_num_threads(saved_threads)
+        torch.random.set_rng_state(saved_rng)
     return subprocess.CompletedProcess(["rlx", *args], code, out.getvalue(), err.getvalue())
+
+
+def rlx_refused(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``rlx <args>``, which must be refused before any work, run in this process (`rlx_in_process`).
+    A handful of tests keep the refusal of the installed script in a real process (tests/test_cli.py,
+    tests/test_settings.py)."""
+    return rlx_in_process(*args, cwd=cwd, env=env, refusal=True)

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlx.cli import config_groups, main
-from tests.conftest import REPO, TINY, compose_cfg, rlx_refused, run_rlx
+from tests.conftest import REPO, TINY, compose_cfg, rlx_in_process, rlx_refused, run_rlx
 
 BAD_INPUT = [
     (
@@ -175,7 +175,7 @@ def test_a_run_then_rlx_eval(tmp_path):
 
 def test_multirun_sweep_runs_every_job_and_closes_every_mlflow_run(tmp_path):
     store = tmp_path / "store"
-    res = run_rlx(
+    res = rlx_in_process(
         "train",
         "-m",
         "algo=grpo,dapo",
@@ -194,6 +194,19 @@ def test_multirun_sweep_runs_every_job_and_closes_every_mlflow_run(tmp_path):
     runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # the jobs, not the sweep's parent run
     assert sorted(r.data.params["algo.name"] for r in runs) == ["dapo", "grpo"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_resolving_the_run_directory_leaves_hydras_job_config_as_it_was():
+    """`rlx train` resolves ``hydra.run.dir`` (its ``${now:...}``) before Hydra starts; a ``train()``
+    called later in the same process must not find that half-built job config (no output_dir) in
+    Hydra's singleton."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlx.cli import _hydra_run_dir
+
+    before = HydraConfig.instance().cfg
+    assert _hydra_run_dir(["hydra.run.dir=somewhere"]) == "somewhere"
+    assert HydraConfig.instance().cfg is before
 
 
 def test_unknown_command(capsys):

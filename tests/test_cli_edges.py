@@ -14,7 +14,7 @@ import pytest
 
 from rlx.cli import main
 from rlx.train import train
-from tests.conftest import TINY, compose_cfg, rlx_refused, run_rlx
+from tests.conftest import TINY, compose_cfg, rlx_in_process, rlx_refused, run_rlx
 
 BIN = str(Path(sys.executable).parent)
 
@@ -73,8 +73,10 @@ def untrained_run(tmp_path_factory) -> Path:
 
 
 def test_sample_takes_prompts_as_rlx_eval_prints_them(untrained_run, tmp_path):
-    lists = run_rlx("sample", str(untrained_run), "-p", "[8, 2, 7, 0]", "--no-base", "--json", cwd=tmp_path)
-    texts = run_rlx("sample", str(untrained_run), "-p", "8 2 7 0", "--no-base", "--json", cwd=tmp_path)
+    lists = rlx_in_process(
+        "sample", str(untrained_run), "-p", "[8, 2, 7, 0]", "--no-base", "--json", cwd=tmp_path
+    )
+    texts = rlx_in_process("sample", str(untrained_run), "-p", "8 2 7 0", "--no-base", "--json", cwd=tmp_path)
     assert lists.returncode == 0 and texts.returncode == 0, lists.stderr + texts.stderr
     assert json.loads(lists.stdout) == json.loads(texts.stdout)
     assert json.loads(lists.stdout)["prompt"] == "8 2 7 0"
@@ -93,7 +95,7 @@ def test_generation_config_makes_transformers_pipeline_answer_like_rlx_sample(un
     prompts = ["8 2 7 0", "3 1 0 2", "9 5 5 1"]
     pipe = pipeline("text-generation", model=str(final), tokenizer=str(final), device="cpu")
     answers = [pipe(p, return_full_text=False)[0]["generated_text"].strip() for p in prompts]
-    res = run_rlx("sample", str(untrained_run), *(a for p in prompts for a in ("-p", p)), "--no-base",
+    res = rlx_in_process("sample", str(untrained_run), *(a for p in prompts for a in ("-p", p)), "--no-base",
                   "--json", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     rlx_answers = [json.loads(line)["model"].strip() for line in res.stdout.splitlines()]

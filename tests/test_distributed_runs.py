@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from rlx.data.sort import write_sort_data
-from tests.conftest import REPO, TINY_GPT
+from tests.conftest import REPO, TINY_GPT, rlx_refused
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -155,14 +155,7 @@ def test_torchrun_train_then_sigkill_and_resume_is_the_same_run(
     assert not (run / "final").exists()  # it really was cut short
     rows = (run / "metrics.jsonl").read_text()
     if algo == "grpo":  # resumed by a plain process: refused in one line before anything is written
-        res = subprocess.run(
-            [sys.executable, "-m", "rlx.cli", "train", *args_for(algo, data), "hydra.run.dir=run"],
-            cwd=cut,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = rlx_refused("train", *args_for(algo, data), "hydra.run.dir=run", cwd=cut)
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
         assert "written by 2 rank(s), this run has 1" in res.stderr
         assert (run / "metrics.jsonl").read_text() == rows

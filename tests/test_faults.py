@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, RLX, TINY_GPT, rlx_refused, run_rlx
+from tests.conftest import REPO, RLX, TINY_GPT, rlx_in_process, rlx_refused
 
 RUN = [
     *TINY_GPT,
@@ -51,7 +51,7 @@ def final_error_line(res) -> str:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short finished run (logger=none): its final/ model and checkpoints/step_000003."""
     cwd = tmp_path_factory.mktemp("finished")
-    res = run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=cwd)
+    res = rlx_in_process("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     return cwd / "run"
 
@@ -116,10 +116,10 @@ def test_auto_map_code_in_a_model_directory_is_never_run(finished, tmp_path):
     config["auto_map"] = {"AutoConfig": "evil_config.EvilConfig", "AutoModelForCausalLM": "evil_config.X"}
     (model_dir / "config.json").write_text(json.dumps(config))
     for command in (["eval", str(model_dir)], ["sample", str(model_dir), "-p", "3 1 2 0", "--no-base"]):
-        res = run_rlx(*command, "--device", "cpu", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+        res = rlx_in_process(*command, "--device", "cpu", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
         assert not pwned.exists(), res.stderr[-2000:]
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    res = run_rlx(
+    res = rlx_in_process(
         "train", *RUN, "logger=none", f"model.init_from={model_dir}", "hydra.run.dir=r", cwd=tmp_path
     )
     assert not pwned.exists()
@@ -133,7 +133,7 @@ def test_a_custom_reward_is_taken_from_the_command_line(finished, tmp_path):
         tmp_path / "model",
         lambda c: c.__setitem__("reward", {"name": "custom", "fn": "evil:r"}),
     )
-    res = run_rlx(
+    res = rlx_in_process(
         "eval",
         str(model_dir),
         "--device",
@@ -221,7 +221,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 def finished_mlflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A finished run logged to a real MLflow store: (working directory, store)."""
     cwd = tmp_path_factory.mktemp("finished_mlflow")
-    res = run_rlx("train", *RUN, "logger.store_dir=store", "hydra.run.dir=run", cwd=cwd)
+    res = rlx_in_process("train", *RUN, "logger.store_dir=store", "hydra.run.dir=run", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     return cwd, cwd / "store"
 
@@ -235,7 +235,7 @@ def test_rerunning_a_finished_run_says_so_and_logs_nothing(finished_mlflow, tmp_
     cwd = copy_run(finished_mlflow[0], tmp_path / "w")
     run, store = cwd / "run", cwd / "store"
     before = snapshot(run)
-    res = run_rlx("train", *RUN, f"logger.store_dir={store}", "hydra.run.dir=run", cwd=cwd)
+    res = rlx_in_process("train", *RUN, f"logger.store_dir={store}", "hydra.run.dir=run", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "already finished" in res.stderr and "nothing to do" in res.stderr
     assert snapshot(run) == before  # not a byte changed, .hydra/ included
@@ -251,7 +251,7 @@ def test_a_kill_after_the_final_evaluation_row_logs_it_once(finished_mlflow, tmp
     shutil.rmtree(run / "final")
     info = json.loads((run / "tracking.json").read_text())
     (run / "tracking.json").write_text(json.dumps({**info, "status": "RUNNING"}))
-    res = run_rlx("train", *RUN, f"logger.store_dir={store}", "hydra.run.dir=run", cwd=cwd)
+    res = rlx_in_process("train", *RUN, f"logger.store_dir={store}", "hydra.run.dir=run", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and "eval/exact" in rows[-1]
@@ -299,11 +299,11 @@ EXTEND = ["trainer.lr_schedule=constant", "logger=none", "trainer.samples_every=
 def test_a_finished_run_with_a_constant_lr_extends_exactly(tmp_path):
     from tests.test_resume import metrics
 
-    long = run_rlx("train", *RUN, *EXTEND, "trainer.steps=6", "hydra.run.dir=long", cwd=tmp_path)
+    long = rlx_in_process("train", *RUN, *EXTEND, "trainer.steps=6", "hydra.run.dir=long", cwd=tmp_path)
     assert long.returncode == 0, long.stderr[-2000:]
-    short = run_rlx("train", *RUN, *EXTEND, "hydra.run.dir=short", cwd=tmp_path)
+    short = rlx_in_process("train", *RUN, *EXTEND, "hydra.run.dir=short", cwd=tmp_path)
     assert short.returncode == 0, short.stderr[-2000:]
-    more = run_rlx("train", *RUN, *EXTEND, "trainer.steps=6", "hydra.run.dir=short", cwd=tmp_path)
+    more = rlx_in_process("train", *RUN, *EXTEND, "trainer.steps=6", "hydra.run.dir=short", cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resumed from" in more.stderr and "step_000003" in more.stderr.replace("\n", "")
     assert metrics(tmp_path / "short") == metrics(tmp_path / "long")  # the 6-step run, bit for bit
@@ -331,7 +331,7 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_orphan_mlflow_run(tmp_path
     first_id = json.loads((run / "tracking.json").read_text())["run_id"]
     from tests.test_resume import RUN as RESUME_RUN
 
-    res = run_rlx("train", *RESUME_RUN, *args, cwd=tmp_path)
+    res = rlx_in_process("train", *RESUME_RUN, *args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     runs = mlflow_runs(tmp_path / "store")
     assert [r.info.run_id for r in runs] == [first_id] and runs[0].info.status == "FINISHED"
@@ -352,7 +352,7 @@ def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
             lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, first
         )
         hydra_before = snapshot(run / ".hydra")
-        second = run_rlx("train", *RUN, *args, cwd=tmp_path)
+        second = rlx_in_process("train", *RUN, *args, cwd=tmp_path)
         line = one_error_line(second)
         assert "in use by another rlx process" in line and "hydra.run.dir=run-2" in line
         assert snapshot(run / ".hydra") == hydra_before
@@ -394,7 +394,7 @@ def test_a_signal_during_the_final_evaluation_stops_it(tmp_path):
     assert "stopped by SIGTERM after step 3" in err
     assert json.loads((run / "tracking.json").read_text())["status"] == "KILLED"
     assert not (run / "final").exists()
-    res = run_rlx("train", *RUN, *args, cwd=tmp_path)  # the same command: evaluates, finishes
+    res = rlx_in_process("train", *RUN, *args, cwd=tmp_path)  # the same command: evaluates, finishes
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 3]
@@ -529,7 +529,7 @@ def test_the_accepted_values_run_to_the_end(tmp_path):
             {"task.eval_size"} if "task=tokens" in overrides else set()
         )
         base = [o for o in RUN if o.split("=")[0] not in drop]
-        res = run_rlx("train", *base, *overrides, "logger=none", f"hydra.run.dir={name}", cwd=tmp_path)
+        res = rlx_in_process("train", *base, *overrides, "logger=none", f"hydra.run.dir={name}", cwd=tmp_path)
         assert res.returncode == 0, (name, res.stderr[-2000:])
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
     line = one_error_line(
@@ -544,7 +544,7 @@ def test_binary_garbage_in_a_jsonl_file_names_the_line(tmp_path):
     good = (REPO / "tests" / "data" / "sort_pairs_tiny.jsonl").read_bytes().splitlines(keepends=True)
     data.write_bytes(b"".join(good[:2]) + b"\xff\xfe\x00\x81garbage\x9c\n" + b"".join(good[2:]))
     line = one_error_line(
-        run_rlx(
+        rlx_in_process(
             "train", *RUN, "algo=dpo", "algo.batch_size=4", f"data.train={data}", "logger=none", cwd=tmp_path
         )
     )
@@ -552,7 +552,7 @@ def test_binary_garbage_in_a_jsonl_file_names_the_line(tmp_path):
 
 
 def test_a_custom_reward_returning_strings_is_one_line(tmp_path):
-    res = run_rlx(
+    res = rlx_in_process(
         "train",
         *RUN,
         "reward=custom",
@@ -597,7 +597,7 @@ def test_start_up_gaps_are_closed(tmp_path, override, message):
 def test_non_finite_values_are_null_in_metrics_and_iterations_count_from_one(tmp_path):
     """A reward of 3e38 overflows the loss at the first iteration: the message says iteration 1, and
     metrics.jsonl stays valid JSON (strict parser: no Infinity or NaN)."""
-    res = run_rlx(
+    res = rlx_in_process(
         "train",
         *RUN,
         "reward=custom",

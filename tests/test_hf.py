@@ -14,7 +14,7 @@ from rlx.errors import RlxError
 from rlx.models.hf import build_hf
 from rlx.tasks.sort import SortTask
 from rlx.train import train
-from tests.conftest import REPO, compose_cfg, run_rlx
+from tests.conftest import REPO, compose_cfg, rlx_in_process
 
 DATA = REPO / "tests" / "data"
 
@@ -161,12 +161,12 @@ def test_dolly_file_as_a_text_task_for_online_training(tiny_gpt2, tmp_path):
 def test_rlx_sample_shows_the_base_model_beside_the_trained_one(tiny_gpt2, tmp_path):
     args = ["algo=sft", "model=hf", f"model.name_or_path={tiny_gpt2}", "task.eval_size=8", "logger=none"]
     args += [f"data.train={DATA / 'sort_sft_tiny.jsonl'}", "trainer.steps=2", "hydra.run.dir=run"]
-    assert run_rlx("train", *args, cwd=tmp_path).returncode == 0
-    res = run_rlx("sample", "run", "-p", "3 1 0 2", "-p", "5 4 1 1", "--json", cwd=tmp_path)
+    assert rlx_in_process("train", *args, cwd=tmp_path).returncode == 0
+    res = rlx_in_process("sample", "run", "-p", "3 1 0 2", "-p", "5 4 1 1", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(x) for x in res.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["3 1 0 2", "5 4 1 1"] and all(
         "base" in r and "model" in r for r in rows
     )
-    res = run_rlx("sample", "run", cwd=tmp_path)
+    res = rlx_in_process("sample", "run", cwd=tmp_path)
     assert res.returncode == 2 and "rlx: error: give prompts" in res.stderr

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY, rlx_refused, run_rlx
+from tests.conftest import REPO, TINY, rlx_in_process, rlx_refused, run_rlx
 
 
 def test_a_submitit_local_sweep_of_two_jobs_completes_with_a_parent_run(tmp_path):
@@ -51,8 +51,9 @@ def test_a_submitit_local_sweep_of_two_jobs_completes_with_a_parent_run(tmp_path
 
 
 def _launcher_node(tmp_path, *overrides: str) -> dict:
-    res = run_rlx("train", "hydra/launcher=slurm", *overrides, "--cfg", "hydra", "-p", "hydra.launcher",
-                  cwd=tmp_path)  # fmt: skip
+    res = rlx_in_process(
+        "train", "hydra/launcher=slurm", *overrides, "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("# @package hydra.launcher")
     return yaml.safe_load(res.stdout)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from rlx.tracking import LiveProgress, as_text
-from tests.conftest import TINY, run_rlx
+from tests.conftest import TINY, rlx_in_process
 
 
 def _summary_lines(text: str) -> list[str]:
@@ -16,7 +16,7 @@ def _summary_lines(text: str) -> list[str]:
 
 
 def test_train_log_holds_what_the_console_showed_and_q_silences_it(tmp_path):
-    res = run_rlx("train", *TINY, "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    res = rlx_in_process("train", *TINY, "logger=none", "hydra.run.dir=run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     shown = _summary_lines(res.stderr)
@@ -24,14 +24,16 @@ def test_train_log_holds_what_the_console_showed_and_q_silences_it(tmp_path):
     assert shown == _summary_lines(log)  # the summary table, line for line
     assert "[rlx][INFO] - train 2/2 (" in log and "it/s" in log  # progress lines, file only
 
-    res = run_rlx("train", "-q", *TINY, "logger=none", "hydra.run.dir=quiet", cwd=tmp_path)
+    res = rlx_in_process("train", "-q", *TINY, "logger=none", "hydra.run.dir=quiet", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr.strip() == "" and res.stdout.strip() == ""
     assert (tmp_path / "quiet" / "final" / "model.safetensors").is_file()
 
 
 def test_v_adds_rlx_debug_records(tmp_path):
-    res = run_rlx("train", "-v", *TINY, "trainer.steps=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    res = rlx_in_process(
+        "train", "-v", *TINY, "trainer.steps=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"[rlx][DEBUG] - run grpo-sort-s0 in {tmp_path / 'run'};" in log

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, TINY, run_rlx
+from tests.conftest import REPO, TINY, rlx_in_process
 
 EXPERIMENT = "ui"
 
@@ -67,7 +67,7 @@ def server_with_a_sweep(tmp_path_factory):
             except OSError:
                 assert time.time() < deadline, (root / "server.log").read_text()[-2000:]
                 time.sleep(0.3)
-        res = run_rlx(
+        res = rlx_in_process(
             "train", "-m", "algo=grpo,dr_grpo", *TINY, f"logger.tracking_uri={uri}",
             f"logger.experiment={EXPERIMENT}", "hydra.sweep.dir=sweep", cwd=root,
         )  # fmt: skip

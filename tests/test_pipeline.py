@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from rlx.cli import main
 from rlx.data.sort import write_sort_data
 from rlx.train import train
-from tests.conftest import TINY_GPT, compose_cfg, run_rlx
+from tests.conftest import TINY_GPT, compose_cfg, rlx_in_process
 
 TOY = [*TINY_GPT, "task.eval_size=16", "logger=none", "trainer.eval_every=0"]
 
@@ -21,7 +21,7 @@ def test_rlhf_sort_pipeline_end_to_end(tmp_path, capsys):
     root = tmp_path / "rlhf"
     write_sort_data(root / "data", train=48, heldout=16, task_eval_size=16)
     # stage 1 through the CLI: the experiment puts the run in rlhf.dir/sft
-    res = run_rlx(
+    res = rlx_in_process(
         "train",
         "experiment=rlhf_sort",
         "algo=sft",

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from rlx.checkpoint import list_checkpoints, load_model_weights, save_checkpoint
 from rlx.errors import RlxError
 from rlx.train import build
-from tests.conftest import REPO, RLX, TINY_GPT, compose_cfg, rlx_refused, run_rlx
+from tests.conftest import REPO, RLX, TINY_GPT, compose_cfg, rlx_in_process, rlx_refused
 
 STEPS = 24
 RUN = [
@@ -70,7 +70,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
     """The uninterrupted run."""
     cwd = tmp_path_factory.mktemp("reference")
-    res = run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=cwd)
+    res = rlx_in_process("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = metrics(cwd / "run")
     assert [r["step"] for r in rows][:STEPS] == list(range(1, STEPS + 1))
@@ -87,7 +87,7 @@ def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(tmp_path, ref
     newest = list_checkpoints(run / "checkpoints")[-1]
     assert int(newest.name.split("_")[1]) < STEPS  # it really was cut short
     # the same command again: trainer.resume=auto picks up the newest complete checkpoint
-    res = run_rlx("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    res = rlx_in_process("train", *RUN, "logger=none", "hydra.run.dir=run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resumedfrom{newest}" in "".join(res.stderr.split())  # the log handler wraps long lines
     assert metrics(run) == reference  # bit for bit, every step, eval rows included
@@ -118,7 +118,7 @@ def test_sigint_saves_kills_the_mlflow_run_and_resume_continues_it(tmp_path, ref
     assert client.get_run(info["run_id"]).info.status == "KILLED"
 
     # resume by path from another directory: the run continues in its own run directory
-    res = run_rlx(
+    res = rlx_in_process(
         "train",
         *RUN,
         f"logger.store_dir={store}",
@@ -151,7 +151,7 @@ def test_sigterm_stops_the_same_way(tmp_path):
 def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short finished run with checkpoints, for the bad-input tests to damage copies of."""
     cwd = tmp_path_factory.mktemp("checkpointed")
-    res = run_rlx("train", *RUN, "trainer.steps=3", "logger=none", "hydra.run.dir=run", cwd=cwd)
+    res = rlx_in_process("train", *RUN, "trainer.steps=3", "logger=none", "hydra.run.dir=run", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     return cwd / "run" / "checkpoints" / "step_000003"
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import TINY, run_rlx
+from tests.conftest import TINY, rlx_in_process
 
 
 def test_rlx_runs_table_json_plot_and_eval_of_a_sweep(tmp_path):
-    res = run_rlx(
+    res = rlx_in_process(
         "train", "-m", "trainer.lr=1e-3,2e-3", *TINY, "trainer.eval_every=1",
         f"logger.store_dir={tmp_path / 'store'}", "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_rlx("runs", "sweep", "--json", cwd=tmp_path)
+    res = rlx_in_process("runs", "sweep", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     runs = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["name"] for r in runs] == ["grpo-sort-s0-lr=0.001", "grpo-sort-s0-lr=0.002"]
@@ -24,13 +24,13 @@ def test_rlx_runs_table_json_plot_and_eval_of_a_sweep(tmp_path):
         assert r["eval/exact"] == rows[-1]["eval/exact"] and r["status"] == "FINISHED"
         assert r["algo"] == "grpo" and r["seed"] == "0" and r["wall_s"] > 0
 
-    res = run_rlx("runs", "sweep", "--plot", "cmp.png", cwd=tmp_path)
+    res = rlx_in_process("runs", "sweep", "--plot", "cmp.png", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "grpo-sort-s0-lr=0.001" in res.stdout and "trainer.lr=0.002" in res.stdout
     png = (tmp_path / "cmp.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    res = run_rlx("eval", "sweep/0", "sweep/1", "--json", cwd=tmp_path)
+    res = rlx_in_process("eval", "sweep/0", "sweep/1", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     evals = [json.loads(line) for line in res.stdout.splitlines()]
     assert [e["model_dir"] for e in evals] == ["sweep/0/final", "sweep/1/final"]
@@ -38,7 +38,7 @@ def test_rlx_runs_table_json_plot_and_eval_of_a_sweep(tmp_path):
 
 
 def test_rlx_runs_on_a_directory_without_runs_is_one_line(tmp_path):
-    res = run_rlx("runs", str(tmp_path), cwd=tmp_path)
+    res = rlx_in_process("runs", str(tmp_path), cwd=tmp_path)
     assert res.returncode == 2
     assert (
         res.stderr.strip()

@@ -8,7 +8,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY, run_rlx
+from tests.conftest import REPO, TINY, rlx_in_process, run_rlx
 
 
 def _runs(store, experiment: str):
@@ -21,7 +21,7 @@ def _runs(store, experiment: str):
 
 def test_a_four_job_sweep_is_one_parent_run_with_four_children(tmp_path):
     store = tmp_path / "store"
-    res = run_rlx(
+    res = rlx_in_process(
         "train", "-m", "algo=grpo,dr_grpo", "trainer.seed=0,1", *TINY, "trainer.steps=1",
         f"logger.store_dir={store}", "logger.experiment=sweep", "hydra.sweep.dir=sweep",
         cwd=tmp_path,
@@ -90,7 +90,7 @@ def test_an_optuna_search_of_three_trials_names_its_best_trial(tmp_path):
     import yaml
 
     store = tmp_path / "store"
-    res = run_rlx(
+    res = rlx_in_process(
         "train", "hparams_search=sort_grpo", "hydra.sweeper.n_trials=3",
         "hparams_search.objective=reward/mean", *TINY, f"logger.store_dir={store}",
         "logger.experiment=search", "hydra.sweep.dir=sweep", cwd=tmp_path,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import RLX, TINY_GPT, run_rlx
+from tests.conftest import RLX, TINY_GPT, rlx_in_process
 
 STEPS = 30
 RUN = [
@@ -117,7 +117,7 @@ def test_server_lost_mid_run_then_rlx_sync(tmp_path, server):
     server.start()  # back up, with what it had stored before it died
     client = MlflowClient(tracking_uri=server.uri)
     assert len(metric_steps(client, info["run_id"])) < STEPS
-    res = run_rlx("sync", "run", cwd=tmp_path)
+    res = rlx_in_process("sync", "run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     run = client.get_run(info["run_id"])
     assert metric_steps(client, info["run_id"]) == list(range(1, STEPS + 1))  # complete, no step twice
@@ -125,13 +125,13 @@ def test_server_lost_mid_run_then_rlx_sync(tmp_path, server):
     assert {"config.yaml", "metrics.jsonl", "model"} <= {
         a.path for a in client.list_artifacts(info["run_id"])
     }
-    again = run_rlx("sync", "run", cwd=tmp_path)
+    again = rlx_in_process("sync", "run", cwd=tmp_path)
     assert "0 metric values and no artifacts added" in again.stdout
     assert metric_steps(client, info["run_id"]) == list(range(1, STEPS + 1))
 
 
 def test_server_down_at_start_then_rlx_sync_creates_the_run(tmp_path, server):
-    res = run_rlx(
+    res = rlx_in_process(
         "train",
         *RUN,
         "trainer.steps=3",
@@ -143,7 +143,7 @@ def test_server_down_at_start_then_rlx_sync_creates_the_run(tmp_path, server):
     assert len(mlflow_warnings(res.stderr)) == 1
     assert json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"] is None
     server.start()
-    res = run_rlx("sync", "run", cwd=tmp_path)
+    res = rlx_in_process("sync", "run", cwd=tmp_path)
     assert res.returncode == 0 and "(new MLflow run)" in res.stdout, res.stderr[-2000:]
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=server.uri)
@@ -152,9 +152,9 @@ def test_server_down_at_start_then_rlx_sync_creates_the_run(tmp_path, server):
 
 
 def test_sync_without_a_server_is_one_clear_error(tmp_path, server):
-    res = run_rlx("train", *RUN, "trainer.steps=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    res = rlx_in_process("train", *RUN, "trainer.steps=1", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
     assert res.returncode == 0
-    res = run_rlx("sync", "run", "--tracking-uri", server.uri, cwd=tmp_path)  # nothing listens there
+    res = rlx_in_process("sync", "run", "--tracking-uri", server.uri, cwd=tmp_path)  # nothing listens there
     assert res.returncode == 2
     assert res.stderr.strip().startswith("rlx: error:") and len(res.stderr.strip().splitlines()) == 1
 

@@ -21,7 +21,7 @@ from rlx.rewards import REWARDS, check_combined, score_completions, verified_cor
 from rlx.rewards.format import R1_TEMPLATE
 from rlx.tasks.text import TextPromptTask
 from rlx.train import StopSignals, plan, train
-from tests.conftest import compose_cfg, rlx_refused, run_rlx
+from tests.conftest import compose_cfg, rlx_in_process, rlx_refused
 
 TINY_CHAR = ["model=char_gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "logger=none"]
 TINY_ONLINE = [
@@ -404,8 +404,10 @@ def test_trl_conversational_files_for_sft_and_preferences(tmp_path, char_model_d
 
 
 def test_rlx_data_arithmetic_and_a_two_step_grpo_run(tmp_path):
-    res = run_rlx("data", "arithmetic", "--out", str(tmp_path / "data"), "--train", "40", "--heldout", "4",
-                  "--sft", "8", cwd=tmp_path)  # fmt: skip
+    res = rlx_in_process(
+        "data", "arithmetic", "--out", str(tmp_path / "data"), "--train", "40", "--heldout", "4",
+        "--sft", "8", cwd=tmp_path,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     row = json.loads((tmp_path / "data" / "train.jsonl").read_text().splitlines()[0])
     terms = [int(x) for x in row["prompt"].removeprefix("What is ").removesuffix("?").split(" + ")]
