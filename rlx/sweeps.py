@@ -107,8 +107,9 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from rlx.tracking import MlflowSink, http_settings, local_store
 
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))
         launch_dir = Path(str(config.hydra.runtime.cwd))
+        # absolute: the atexit hook that ends a dead sweep may run after the working directory changed
+        self.sweep_dir = launch_dir / str(config.hydra.sweep.dir)
         swept, keys = swept_overrides(config)
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
         assert isinstance(logger, dict)
