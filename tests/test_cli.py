@@ -163,7 +163,7 @@ def test_a_run_then_rlx_eval(tmp_path):
     }
     assert (store / "mlflow.db").is_file()
     assert not (tmp_path / "mlflow.db").exists()  # nothing written outside the configured store
-    res = run_rlx("eval", str(run), "--json", cwd=tmp_path)
+    res = rlx_in_process("eval", str(run), "--json", cwd=tmp_path)  # the run above is the real process
     assert res.returncode == 0, res.stderr
     metrics = json.loads(res.stdout.strip().splitlines()[-1])
     final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]

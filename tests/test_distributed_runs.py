@@ -298,7 +298,8 @@ def test_sigterm_to_one_rank_during_the_final_evaluation_stops_every_rank_alike(
     """SIGTERM reaches rank 1 only, during a long sharded final evaluation (after the last checkpoint):
     rank 1 stops generating, the ranks agree before the evaluation's gather, and both exit with the
     same "stopped by SIGTERM after step 3" line (not one stopped and one failed on a dead peer); the
-    same command then evaluates and finishes (under ddp: the rerun's whole evaluation takes ~30 s)."""
+    same command then evaluates and finishes (under ddp; with a larger eval.batch_size, a setting that
+    may differ on resume, so that the rerun's 5000 prompts take seconds rather than ~30 s)."""
     args = [
         *[a for a in RUN if not a.startswith(("task.eval_size", "trainer.steps", "trainer.save_every"))],
         "trainer.steps=3",
@@ -325,7 +326,8 @@ def test_sigterm_to_one_rank_during_the_final_evaluation_stops_every_rank_alike(
     assert not (tmp_path / "run" / "final").exists()
     if parallel == "fsdp2":  # fsdp2's resume is the kill-and-resume test's; the 5000-prompt rerun, ddp's
         return
-    again = launch(tmp_path, *args)  # the same command: resumes at step 3, evaluates, finishes
+    again = launch(tmp_path, *args, "eval.batch_size=250")  # resumes at step 3, evaluates, finishes
     code, err = again.finish(timeout=300)
     assert code == 0, err[-3000:]
+    assert "resumed from" in err and "step_000003" in err.replace("\n", ""), err[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
