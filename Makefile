@@ -19,11 +19,15 @@ install: $(STAMP)
 
 # torch goes in first, pinned, so that resolving the other dependencies never replaces it with a
 # CUDA build; `pip install -e .` then finds torch satisfied and installs nothing more for it.
+# pip byte-compiles what it installs one file after another (about 60 s here); compileall writes the
+# same .pyc files on every core instead (about 30 s on 2). Like pip, it skips a file that does not
+# compile (compileall then exits 1, hence `|| true`).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install --quiet -e ".[dev,lora]" "$(TORCH_SPEC)"
+	$(PIP) install --quiet --no-compile "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install --quiet --no-compile -e ".[dev,lora]" "$(TORCH_SPEC)"
+	$(BIN)/python -m compileall -qq -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 	touch $(STAMP)
 
 run: install
