@@ -34,9 +34,14 @@ def require(ok: bool, message: str) -> None:
         raise RlxError(message)
 
 
-class StopNow(Exception):
+class StopNow(BaseException):
     """A signal after the last training step (final evaluation, final model): stop at once (one
-    process), or at the ranks' next agreement under torchrun (`rlx.distributed.signal_everywhere`)."""
+    process), or at the ranks' next agreement under torchrun (`rlx.distributed.signal_everywhere`).
+
+    A `BaseException`, as `KeyboardInterrupt` is: the signal handler raises it at whatever bytecode is
+    running, often inside a library whose ``except Exception`` would turn it into something else
+    (transformers' ``BatchEncoding.convert_to_tensors`` wraps any Exception in a ValueError, which
+    rlx then read as "no pad token"; MLflow logging's guard would have read it as a lost server)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

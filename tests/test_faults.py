@@ -400,6 +400,24 @@ def test_a_signal_during_the_final_evaluation_stops_it(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 3]
 
 
+def test_a_stop_raised_inside_a_library_that_catches_exception_is_still_a_stop():
+    """The signal handler raises `StopNow` at whatever bytecode runs. Once (a fresh-clone run of the
+    test above) SIGTERM landed inside the tokenizer: transformers' ``BatchEncoding.convert_to_tensors``
+    wraps any Exception in a ValueError, and the run ended "no pad token" (exit 2) instead of stopped.
+    The same path here, deterministically: the stop is raised while transformers builds the tensor."""
+    from transformers import BatchEncoding
+
+    from rlx.errors import StopNow
+
+    class StopsWhenRead(list):
+        def __len__(self) -> int:
+            raise StopNow(15)
+
+    batch = BatchEncoding({"input_ids": StopsWhenRead([[1, 2], [3, 4]])})
+    with pytest.raises(StopNow):
+        batch.convert_to_tensors("pt")
+
+
 # -- every documented key: a zero, a negative, a string, a huge value ---------------------------------
 VALUES = {"zero": "0", "negative": "-1", "string": "x", "huge": "1000000000000"}
 TASKS = ("sort", "tokens")
