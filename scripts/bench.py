@@ -347,7 +347,10 @@ def matmul_gflops(threads: int) -> float:
 
 
 def update_flops(row: str) -> float:
-    """Forward + backward of the update (6 x params x tokens; the LM head over completion positions)."""
+    """Forward + backward of the update as rlx computes it: 6 x params x tokens, each prompt's tokens
+    once for its group (`rlx.models.logprobs.shared_prompt_forward`), the LM head over completion
+    positions only. Not the FLOPs of a pass over every row's prompt: those would credit rlx with
+    work it skips."""
     spec = ROWS[row]
     n = spec["prompts"] * spec["group"]
     if row == "toy":  # GPT-2: q, k, v, o and a 4h MLP of two matrices
@@ -357,7 +360,7 @@ def update_flops(row: str) -> float:
         h, layers, vocab, p = 128, 2, VOCAB, spec["prompt_len"]
         body = layers * (2 * h * h + 2 * h * (h // 2) + 3 * h * 4 * h)
     t = spec["new_tokens"]
-    return 6.0 * n * (body * (p + t) + vocab * h * (t + 1))
+    return 6.0 * (body * (spec["prompts"] * p + n * t) + n * vocab * h * (t + 1))
 
 
 def main() -> None:

@@ -133,6 +133,12 @@ def test_micro_batches_give_the_same_update(aggregation, tmp_path):
         "kl=k3",
         "kl.coef=0.1",
         "trainer.samples_every=0",
+        # plain SGD, so the weights' difference is the gradients' (Adam's first step divides each
+        # gradient by its own size, and an element that is rounding noise moves by noise / noise)
+        "optimizer._target_=torch.optim.SGD",
+        "~optimizer.betas",
+        "~optimizer.eps",
+        "trainer.lr=0.05",
     ]
     train(compose_cfg(base), run_dir=tmp_path / "whole")
     train(compose_cfg([*base, "trainer.micro_batch_size=3"]), run_dir=tmp_path / "micro")
@@ -141,12 +147,12 @@ def test_micro_batches_give_the_same_update(aggregation, tmp_path):
     b = load_file(tmp_path / "micro" / "final" / "model.safetensors")
     a0 = load_file(tmp_path / "init" / "final" / "model.safetensors")
     for k in a:
-        # float32 summation order differs between the two; Adam divides each gradient by its own
-        # running scale, so an element whose gradient is rounding noise moves by noise / noise. The
-        # weights must agree to 1e-6 or to 1% of the step the update took on that tensor.
+        # float32 summation order differs between the two (and so does the prompts' sharing: a
+        # micro-batch of 3 rows splits a group of 4): the weights must agree to 1e-4 of the step the
+        # update took on that tensor (or 1e-8)
         step = (a[k] - a0[k]).abs().max().item()
         diff = (a[k] - b[k]).abs().max().item()
-        assert diff <= max(1e-6, 0.01 * step), (k, diff, step)
+        assert diff <= max(1e-8, 1e-4 * step), (k, diff, step)
         assert step > 0, k
 
 

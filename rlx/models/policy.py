@@ -29,7 +29,7 @@ from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from rlx.errors import RlxError
-from rlx.models.logprobs import CompletionScores, _accepts, score_completions
+from rlx.models.logprobs import CompletionScores, _accepts, prompt_groups, score_completions, shares_prompts
 from rlx.models.logprobs import completion_forward as completion_forward
 from rlx.models.logprobs import token_logp as token_logp
 from rlx.tasks import Task
@@ -313,8 +313,21 @@ class Policy:
             position_ids = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
             step_ids = prompt_ids
             keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
-        for _ in range(max_new):
-            if cached:
+            # a group's G rows read one prompt: it is prefilled once and its cache expanded (h12)
+            groups = prompt_groups(prompt_ids, prompt_mask) if shares_prompts(self.model) else None
+        for step in range(max_new):
+            if cached and step == 0 and groups is not None:
+                out = self.model(
+                    input_ids=step_ids[groups.first],
+                    attention_mask=attn[groups.first],
+                    position_ids=position_ids[groups.first],
+                    past_key_values=cache,
+                    use_cache=True,
+                    **keep,
+                )
+                groups.expand_cache(cache)
+                logits = groups.expand(out.logits[:, -1]).float()
+            elif cached:
                 out = self.model(
                     input_ids=step_ids,
                     attention_mask=attn,
