@@ -168,3 +168,28 @@ def test_models_that_cannot_share_keep_the_pass_over_every_row():
     assert not shares_prompts(model)
     model.eval()
     assert shares_prompts(model)  # no checkpointing outside training: the cache is on
+
+
+def test_a_lora_model_is_scored_through_its_base_models_keywords():
+    """peft's ``PeftModelForCausalLM.forward`` takes ``**kwargs`` and hands them to the model it wraps:
+    a LoRA policy gets the head over the completion's positions only (no logits of the prompt's) and a
+    group's prompt read once, like the bare model."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.test_speed import LargestTensor
+
+    model = get_peft_model(qwen2(vocab=20000), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    policy = Policy(model, build_number_tokenizer(10), TASK, "qwen2")
+    ids, mask, comp, comp_mask = batch(20000, "grouped")
+    assert linear_head(policy.model) is not None
+    seen = count_tokens(model.get_base_model())
+    biggest = LargestTensor()
+    with biggest:
+        scores = policy.score(ids, mask, comp, comp_mask, 1.0)
+        scores.logp.sum().backward()
+    assert seen == [4 * 5, 12 * 4]
+    assert biggest.numel < 12 * 4 * 20000  # not even the completions' logits: the fused head
+    with torch.no_grad():
+        logits, _ = completion_forward(policy.model, ids, mask, comp, comp_mask, share_prompts=False)
+    ref = torch.log_softmax(logits, -1).gather(-1, comp[..., None])[..., 0] * comp_mask
+    assert torch.allclose(scores.logp, ref, atol=1e-5)
