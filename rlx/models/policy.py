@@ -52,18 +52,20 @@ def sample_categorical(probs: Tensor, block: int = 1024) -> Tensor:
     V = 151936 that was 120 ms of each 210 ms sampling step here. Inverse CDF needs one uniform per row;
     a float64 running sum over the whole vocabulary is itself slow, so the vocabulary is cut into blocks
     of ``block`` tokens: one uniform picks a block by the running sum of block masses, then a token by
-    the running sum inside that block only. Exact up to float64 rounding; tokens of probability 0 are
-    never drawn (``right=True`` skips flat steps of a running sum, and the position inside the chosen
-    block is kept strictly below its mass)."""
+    the running sum inside that block only. Each block's mass is summed in float32 (the probabilities'
+    own precision; a float64 reduction of [64, 151936] took 60 ms against 2.4 here) and the running sums
+    are float64. Exact up to that rounding; tokens of probability 0 are never drawn (``right=True`` skips
+    flat steps of a running sum, and the position inside the chosen block is kept strictly below its
+    mass)."""
     n, v = probs.shape
     if v <= block:
         cdf = probs.cumsum(-1, dtype=torch.float64)
         u = torch.rand(n, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=v - 1)
     full = v - v % block
-    mass = probs[:, :full].unflatten(-1, (-1, block)).sum(-1, dtype=torch.float64)  # [N, B] (a view)
+    mass = probs[:, :full].unflatten(-1, (-1, block)).sum(-1).double()  # [N, B] (a view, summed)
     if full < v:  # the last, shorter block
-        mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+        mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True).double()], dim=1)
     cdf = mass.cumsum(-1)
     u = torch.rand(n, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     b = torch.searchsorted(cdf, u, right=True).clamp_(max=mass.shape[1] - 1)  # [N, 1]
@@ -307,6 +309,7 @@ class Policy:
         ids = prompt_ids
         step_tokens: list[Tensor] = []
         step_logp: list[Tensor] = []
+        weights: Tensor | None = None
         if cached:
             cache = DynamicCache(config=self.model.config)
             attn = prompt_mask.long()
@@ -340,13 +343,20 @@ class Policy:
             else:
                 logits = self.model(input_ids=ids).logits[:, -1].float()
             z = logits / temperature if temperature != 1.0 else logits
-            lse = torch.logsumexp(z, dim=-1)
-            if greedy:
-                nxt = logits.argmax(-1)
-            elif filters:
+            if filters:
+                lse = torch.logsumexp(z, dim=-1)
                 nxt = sample_categorical(torch.softmax(filters(ids, z.clone()), dim=-1))
             else:
-                nxt = sample_categorical(torch.exp(z - lse[:, None]))
+                # one exp over the step's [N, V], written into a buffer reused every step: its row sums
+                # give logsumexp and it is sample_categorical's (unnormalised) input. logsumexp and then
+                # exp(z - lse) into a fresh tensor were two exps and a new 39 MB allocation per step
+                # (page faults): at N = 64, V = 151936 on one thread, 106 ms against 20 here.
+                if weights is None:
+                    weights = torch.empty_like(z)
+                top = z.amax(dim=-1, keepdim=True)
+                torch.sub(z, top, out=weights).exp_()
+                lse = top.squeeze(-1) + weights.sum(dim=-1).log()
+                nxt = logits.argmax(-1) if greedy else sample_categorical(weights)
             if self.eos_id is not None:
                 nxt = torch.where(unfinished, nxt, torch.full_like(nxt, self.pad_id))
             step_tokens.append(nxt)
