@@ -36,6 +36,26 @@ TINY_RUN = [
 TINY = [*TINY_GPT, *TINY_RUN]
 
 
+def tiny_qwen2(vocab: int, layers: int = 1, **extra: object):
+    """A real Qwen2 architecture built from a config, seeded: 32 wide, grouped-query attention, tied
+    embeddings, a vocabulary as large as the test asks (``extra``: more config keys)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg)
+
+
 def compose_cfg(overrides: list[str] | tuple[str, ...] = ()):
     """rlx's composed training config with ``overrides``, exactly as `rlx train` builds it."""
     GlobalHydra.instance().clear()

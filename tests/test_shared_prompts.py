@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2LMHeadModel, Qwen2ForCausalLM
 
 import rlx.models.policy
 from rlx.models import Policy, Sampling, build_tiny_gpt
@@ -19,24 +19,13 @@ from rlx.models.logprobs import (
 )
 from rlx.models.tokenizer import build_number_tokenizer
 from rlx.tasks.sort import SortTask
+from tests.conftest import tiny_qwen2
 
 TASK = SortTask(length=4, vocab=10, eval_size=20)
 
 
 def qwen2(vocab: int = 300, **extra) -> Qwen2ForCausalLM:
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        max_position_embeddings=128,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg)
+    return tiny_qwen2(vocab, layers=2, **extra)
 
 
 def gpt2() -> GPT2LMHeadModel:

@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlx.losses.entropy import token_entropy
 from rlx.models import Policy, Sampling, token_logp
 from rlx.models.tokenizer import build_number_tokenizer
 from rlx.tasks.sort import SortTask
-from tests.conftest import TINY, rlx_refused, run_rlx
+from tests.conftest import TINY, rlx_refused, run_rlx, tiny_qwen2
 
 
 @pytest.mark.parametrize(
@@ -65,18 +64,7 @@ class LargestTensor(TorchDispatchMode):
 
 def qwen2_policy(vocab: int = 20000) -> Policy:
     """A real Qwen2 architecture from a config, a large vocabulary, tied embeddings."""
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = tiny_qwen2(vocab).eval()
     tokenizer = build_number_tokenizer(10)
     return Policy(model, tokenizer, SortTask(length=4, vocab=10), "qwen2")
 
