@@ -343,8 +343,10 @@ class _LinearLogpEntropy(torch.autograd.Function):
                 assert spare is not None
                 e = torch.exp(z, out=spare[: len(z)])
                 total = e.sum(-1)
-                # sum_v p_v z_v = max + sum_v e_v (z_v - max) / sum_v e_v, as a batched dot product
-                ez = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / total
+                # sum_v p_v z_v = max + sum_v e_v (z_v - max) / sum_v e_v: the products written over z
+                # (not needed after this) and summed, 23 ms for [220, 151936] against 43 for a batched
+                # dot product (bmm) or 98 for a fresh product tensor
+                ez = z.mul_(e).sum(-1) / total
                 entropy[rows] = total.log() - ez
             else:
                 total = z.exp_().sum(-1)
