@@ -70,16 +70,17 @@ def test_prompt_groups_finds_the_distinct_prompts_in_either_layout():
     assert prompt_groups(same_ids, torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
 
 
+@pytest.mark.parametrize("t", [4, 1])  # one completion token: the prompt's last position only
 @pytest.mark.parametrize("layout", ["grouped", "shuffled"])
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
-def test_shared_prompt_forward_equals_the_pass_over_every_row_with_gradients(arch, layout):
+def test_shared_prompt_forward_equals_the_pass_over_every_row_with_gradients(arch, layout, t):
     """Logits and last hidden states at the completion's positions, and the gradient of every
     parameter, against ``share_prompts=False``, on left-padded prompts (float64, so a wrong position,
     mask or expansion shows far above rounding; the gradients differ at 1e-15 for GPT-2 and 1e-7 for
     Qwen2, whose RMSNorm computes in float32 and so rounds the prompt's summed gradient)."""
     model = (gpt2() if arch == "gpt2" else qwen2()).double()
     assert shares_prompts(model)
-    ids, mask, comp, comp_mask = batch(model.config.vocab_size, layout)
+    ids, mask, comp, comp_mask = batch(model.config.vocab_size, layout, t=t)
     results = []
     for share in (True, False):
         model.zero_grad()
