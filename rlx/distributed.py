@@ -370,6 +370,13 @@ def is_sharded(t: Any) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def sharded_root(model: Any) -> bool:
+    """Whether fsdp2 shards ``model`` itself (`shard_model` always shards the root): then every forward
+    of it gathers the weights, a collective every rank must run as often. Free without fsdp2 imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 def fsdp_modules(model: torch.nn.Module | None) -> list[torch.nn.Module]:
     """The modules of ``model`` that fsdp2 shards (the root last), or [] for an unsharded model."""
     if model is None or "torch.distributed.fsdp" not in sys.modules:

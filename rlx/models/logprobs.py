@@ -19,7 +19,6 @@ linear output embedding, go through their logits in chunks (`token_logp`).
 from __future__ import annotations
 
 import inspect
-import sys
 import weakref
 from typing import Any, NamedTuple
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlx.distributed import sharded_root
 from rlx.errors import RlxError
 from rlx.losses.entropy import token_entropy
 
@@ -99,35 +99,19 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> PromptGroups | Non
     if n < 2 or prompt_ids.shape[1] == 0:
         return None
     key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
-    g = _run_length(key)
-    if g is not None:  # the grouped layout, found without sorting
-        return PromptGroups(torch.arange(0, n, g, device=key.device), _runs(n // g, g, key.device), g)
     distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
     u = distinct.shape[0]
     if u == n:
         return None
     rows = torch.arange(n, device=key.device)
     first = torch.full((u,), n, dtype=torch.long, device=key.device).scatter_reduce(0, inverse, rows, "amin")
-    order = first.argsort()
+    order = first.argsort()  # unique's sorted order -> order of first appearance
     rank = torch.empty_like(order)
     rank[order] = torch.arange(u, device=key.device)
-    return PromptGroups(first[order], rank[inverse], None)
-
-
-def _run_length(key: Tensor) -> int | None:
-    """G > 1 when the rows of ``key`` are consecutive runs of G equal rows, each run unlike the next."""
-    n = key.shape[0]
-    same_as_next = (key[1:] == key[:-1]).all(dim=1)
-    g = int(same_as_next.long().argmin()) + 1 if not bool(same_as_next.all()) else n
-    if g < 2 or n % g:
-        return None
-    expected = torch.ones(n - 1, dtype=torch.bool, device=key.device)
-    expected[g - 1 :: g] = False
-    return g if torch.equal(same_as_next, expected) else None
-
-
-def _runs(u: int, g: int, device: torch.device) -> Tensor:
-    return torch.arange(u, device=device).repeat_interleave(g)
+    inverse = rank[inverse]
+    g = n // u
+    grouped = n % u == 0 and torch.equal(inverse, torch.arange(u, device=key.device).repeat_interleave(g))
+    return PromptGroups(first[order], inverse, g if grouped else None)
 
 
 def shares_prompts(model: Any) -> bool:
@@ -162,12 +146,6 @@ def _cache_is_plain(model: Any) -> bool:
 _SHARES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def _fsdp_root(model: Any) -> bool:
-    """Whether ``model`` is sharded by fsdp2 (`rlx.distributed.shard_model` always shards the root)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported here: nothing is sharded then
-    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
-
-
 def completion_forward(
     model: Any,
     prompt_ids: Tensor,
@@ -188,15 +166,15 @@ def completion_forward(
     (`shared_prompt_forward`); ``share_prompts=False`` forces the one pass over every row. Not under
     fsdp2: there every forward of the root gathers the weights, a collective, so every rank must run
     the same number of forwards, and whether a rank's rows share prompts is its own."""
-    if share_prompts and completion.shape[1] > 0 and shares_prompts(model) and not _fsdp_root(model):
+    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
+    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    if share_prompts and completion.shape[1] > 0 and shares_prompts(model) and not sharded_root(model):
         groups = prompt_groups(prompt_ids, prompt_mask)
         if groups is not None:
             return shared_prompt_forward(
-                model, groups, prompt_ids, prompt_mask, completion, comp_mask, hidden, logits
+                model, groups, prompt_ids, completion, attn, position_ids, hidden, logits
             )
     ids = torch.cat([prompt_ids, completion], dim=1)
-    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
-    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
     p, t = prompt_ids.shape[1], completion.shape[1]
     extra: dict[str, Any] = {"output_hidden_states": True} if hidden else {}
     keep = _accepts(model, "logits_to_keep")
@@ -221,42 +199,42 @@ def shared_prompt_forward(
     model: Any,
     groups: PromptGroups,
     prompt_ids: Tensor,
-    prompt_mask: Tensor,
     completion: Tensor,
-    comp_mask: Tensor,
+    attn: Tensor,
+    position_ids: Tensor,
     hidden: bool = False,
     logits: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """`completion_forward` with each distinct prompt read once: a forward over the U distinct prompts
-    fills a KV cache (with gradient), the cache is expanded to the N rows, and a second forward runs
-    the N completions against it. The same function of the parameters as the one pass over all N
-    rows (a causal model's prompt states do not depend on what follows; the expansion's backward sums
-    the rows' gradients into their prompt), equal to float rounding, at (U P + N T) / (N (P + T)) of the
-    transformer's token work: 47% at the bench's toy row (32 prompts x 8, 6 + 4 tokens).
+    """`completion_forward` with each distinct prompt read once (it takes that pass's mask and positions
+    over prompt + completion, ``attn`` and ``position_ids`` ``[N, P + T]``): a forward over the U
+    distinct prompts fills a KV cache (with gradient), the cache is expanded to the N rows, and a second
+    forward runs the N completions against it. The same function of the parameters as the one pass over
+    all N rows (a causal model's prompt states do not depend on what follows; the expansion's backward
+    sums the rows' gradients into their prompt), equal to float rounding, at (U P + N T) / (N (P + T))
+    of the transformer's token work: 47% at the bench's toy row (32 prompts x 8, 6 + 4 tokens).
 
     The shared-prefix forward of "Prefix Grouper" (Liu et al., 2025), which does it inside attention;
     here through the model's own KV cache, so any transformers causal LM with a plain cache takes it."""
     from transformers import DynamicCache
 
     p, t = prompt_ids.shape[1], completion.shape[1]
-    first_ids, first_mask = prompt_ids[groups.first], prompt_mask[groups.first]
+    first = groups.first
     cache = DynamicCache(config=model.config)
     extra: dict[str, Any] = {"output_hidden_states": True} if hidden else {}
     out = model(
-        input_ids=first_ids,
-        attention_mask=first_mask,
-        position_ids=(first_mask.long().cumsum(-1) - 1).clamp(min=0),
+        input_ids=prompt_ids[first],
+        attention_mask=attn[first, :p],
+        position_ids=position_ids[first, :p],  # a prompt's positions depend on the prompt alone
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,  # the last prompt position predicts the first completion token
         **extra,
     )
     groups.expand_cache(cache)
-    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
     rest = model(
         input_ids=completion,
         attention_mask=attn,
-        position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0)[:, p:],
+        position_ids=position_ids[:, p:],
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=t if logits else 1,  # an int counts from the end: the last one goes unused

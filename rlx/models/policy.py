@@ -319,27 +319,21 @@ class Policy:
             # a group's G rows read one prompt: it is prefilled once and its cache expanded (h12)
             groups = prompt_groups(prompt_ids, prompt_mask) if shares_prompts(self.model) else None
         for step in range(max_new):
-            if cached and step == 0 and groups is not None:
+            if cached:
+                shared = step == 0 and groups is not None  # the prefill: the distinct prompts only
+                rows = groups.first if shared else slice(None)
                 out = self.model(
-                    input_ids=step_ids[groups.first],
-                    attention_mask=attn[groups.first],
-                    position_ids=position_ids[groups.first],
-                    past_key_values=cache,
-                    use_cache=True,
-                    **keep,
-                )
-                groups.expand_cache(cache)
-                logits = groups.expand(out.logits[:, -1]).float()
-            elif cached:
-                out = self.model(
-                    input_ids=step_ids,
-                    attention_mask=attn,
-                    position_ids=position_ids,
+                    input_ids=step_ids[rows],
+                    attention_mask=attn[rows],
+                    position_ids=position_ids[rows],
                     past_key_values=cache,
                     use_cache=True,
                     **keep,
                 )
                 logits = out.logits[:, -1].float()
+                if shared:
+                    groups.expand_cache(cache)
+                    logits = groups.expand(logits)
             else:
                 logits = self.model(input_ids=ids).logits[:, -1].float()
             z = logits / temperature if temperature != 1.0 else logits
