@@ -99,6 +99,9 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> PromptGroups | Non
     if n < 2 or prompt_ids.shape[1] == 0:
         return None
     key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    g = _run_length(key)
+    if g is not None:  # sample_groups' layout, found in 100 us; `unique` takes 570 (256 x 12 rows, here)
+        return PromptGroups(torch.arange(0, n, g, device=key.device), _runs(n // g, g, key.device), g)
     distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
     u = distinct.shape[0]
     if u == n:
@@ -109,9 +112,23 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> PromptGroups | Non
     rank = torch.empty_like(order)
     rank[order] = torch.arange(u, device=key.device)
     inverse = rank[inverse]
-    g = n // u
-    grouped = n % u == 0 and torch.equal(inverse, torch.arange(u, device=key.device).repeat_interleave(g))
-    return PromptGroups(first[order], inverse, g if grouped else None)
+    return PromptGroups(first[order], inverse, None)
+
+
+def _run_length(key: Tensor) -> int | None:
+    """G > 1 when the rows of ``key`` are consecutive runs of G equal rows, each run unlike the next."""
+    n = key.shape[0]
+    same_as_next = (key[1:] == key[:-1]).all(dim=1)
+    g = n if bool(same_as_next.all()) else int(same_as_next.long().argmin()) + 1
+    if g < 2 or n % g:
+        return None
+    expected = torch.ones(n - 1, dtype=torch.bool, device=key.device)
+    expected[g - 1 :: g] = False
+    return g if torch.equal(same_as_next, expected) else None
+
+
+def _runs(u: int, g: int, device: torch.device) -> Tensor:
+    return torch.arange(u, device=device).repeat_interleave(g)
 
 
 def shares_prompts(model: Any) -> bool:
