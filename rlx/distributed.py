@@ -96,6 +96,22 @@ def check_divides(world_size: int, count: int, what: str) -> None:
         )
 
 
+# torch registers sharding rules for the fused Adam and AdamW steps only (the ``_fused_adam(w)_`` ops in
+# torch/distributed/tensor/_ops/_pointwise_ops.py, torch 2.13): another optimizer's fused step (SGD,
+# Adagrad) raises NotImplementedError on fsdp2's DTensor parameters at the first update
+FUSED_ON_SHARDS = ("torch.optim.Adam", "torch.optim.AdamW")
+
+
+def check_fused_on_shards(optimizer: dict[str, Any]) -> None:
+    """Refuse, before any work, an ``optimizer.fused=true`` that fsdp2's sharded parameters cannot take."""
+    target = str(optimizer.get("_target_", ""))
+    if optimizer.get("fused") and target not in FUSED_ON_SHARDS:
+        raise RlxError(
+            f"optimizer.fused=true with trainer.parallel=fsdp2: torch has no fused {target} step for "
+            "sharded (DTensor) parameters, only for Adam and AdamW; set optimizer.fused=false"
+        )
+
+
 def setup(parallel: str, device: torch.device) -> torch.device:
     """Join the process group (``ddp``, ``fsdp2``): gloo on CPU, nccl on CUDA with this rank on
     ``cuda:LOCAL_RANK``. Returns the device this rank computes on. Idempotent."""

@@ -106,11 +106,14 @@ def plan(cfg: DictConfig | dict[str, Any]) -> Plan:
 
 def _check_world(p: Plan) -> None:
     """h11: under torchrun (trainer.parallel=ddp) the ranks split each global batch evenly: whole
-    prompt groups online, rows of algo.batch_size offline."""
+    prompt groups online, rows of algo.batch_size offline; under fsdp2 a fused optimizer step must have
+    a kernel for sharded parameters."""
     mode = distributed.resolve_parallel(p.trainer.parallel)
     if mode == "none":
         return
     _, world_size, _ = distributed.env_world()
+    if mode == "fsdp2":
+        distributed.check_fused_on_shards(p.cfg.get("optimizer") or {})
     if p.loop == "offline":
         distributed.check_divides(world_size, int(p.settings.algo.batch_size), "algo.batch_size")
     else:

@@ -3,7 +3,8 @@
     python scripts/bench.py [--rows toy,real_vocab] [--reps 3] [--reps-real N] [--out outputs/bench]
 
 Rows (the same model config, prompts, sampling settings and batch for both; beta 0, one optimizer
-step per batch, logging, evaluation and saving off inside the timed window):
+step per batch, AdamW with torch's fused kernel (both defaults: rlx's conf/train.yaml, transformers'
+``adamw_torch_fused``), logging, evaluation and saving off inside the timed window):
 
 - ``toy``: the sort task, GPT-2 2 layers x 64, 32 prompts x 8 completions, 4 new tokens.
 - ``real_vocab``: a Qwen2 architecture built from a config (vocab 151936, hidden 128, 2 layers, tied

@@ -38,6 +38,7 @@ BASE = [
     "optimizer._target_=torch.optim.SGD",
     "~optimizer.betas",
     "~optimizer.eps",
+    "optimizer.fused=false",  # torch has no fused SGD step for fsdp2's sharded parameters
 ]
 ONLINE = [*BASE, "trainer.prompts_per_step=4", "trainer.group_size=4"]
 LORA = ["model=hf", "model.lora.r=4", "model.lora.target_modules=[c_attn]", "model.lora.dropout=0"]

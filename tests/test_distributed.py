@@ -261,6 +261,16 @@ TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MAS
         ([], "3", r"trainer.prompts_per_step=4 is not divisible by the world size 3"),
         (["trainer.parallel=none"], "2", r"trainer.parallel=none under torchrun with WORLD_SIZE=2"),
         (["trainer.device=cuda"], "2", r"trainer.device=cuda but no CUDA device is available"),
+        (
+            [
+                "trainer.parallel=fsdp2",
+                "optimizer._target_=torch.optim.SGD",
+                "~optimizer.betas",
+                "~optimizer.eps",
+            ],
+            "2",
+            r"optimizer.fused=true with trainer.parallel=fsdp2: torch has no fused torch.optim.SGD step",
+        ),
     ],
 )
 def test_bad_parallel_settings_are_refused_at_plan_time(monkeypatch, overrides, world, message) -> None:

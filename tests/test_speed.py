@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -43,6 +44,34 @@ def test_trainer_threads_refuses_a_negative_count(tmp_path):
     out = rlx_refused("train", *TINY, "trainer.threads=-1", "logger=none", cwd=tmp_path)
     assert out.returncode == 2
     assert "trainer.threads must be auto" in out.stderr
+
+
+def test_the_default_optimizer_is_torchs_fused_adamw_with_the_same_update():
+    """conf/train.yaml's optimizer is AdamW with torch's fused kernel (transformers' Trainer default,
+    adamw_torch_fused, hence TRL's), and it makes the for-loop AdamW's update to float rounding."""
+    from rlx.loops.optim import make_optimizer
+    from tests.conftest import compose_cfg
+
+    c = OmegaConf.to_container(compose_cfg([*TINY, "trainer.lr=0.01", "optimizer.weight_decay=0.1"]))
+    assert isinstance(c, dict)
+    model, twin, start = tiny_qwen2(64), tiny_qwen2(64), tiny_qwen2(64)  # seeded: the same weights
+    fused, _ = make_optimizer(c, model.parameters(), 10)
+    loop, _ = make_optimizer({**c, "optimizer": {**c["optimizer"], "fused": False}}, twin.parameters(), 10)
+    assert type(fused) is torch.optim.AdamW and fused.defaults["fused"] is True
+    assert not loop.defaults["fused"]
+    ids = torch.randint(0, 64, (4, 12))
+    for _ in range(3):  # the same gradients to both (k_proj's bias has a gradient of rounding noise,
+        fused.zero_grad()  # which Adam would scale up to a step if each model took its own)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    moved = 0.0
+    for (name, a), b, a0 in zip(model.named_parameters(), twin.parameters(), start.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        moved = max(moved, (a - a0).abs().max().item())
+    assert moved > 1e-3  # three steps of lr 0.01 did move the weights
 
 
 class LargestTensor(TorchDispatchMode):

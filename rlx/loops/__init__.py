@@ -20,12 +20,13 @@ checkpoint loads with ``torch.load(weights_only=True)``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from rlx.errors import NonFiniteError, RlxError, StopRequested, require
 from rlx.registry import Registry
@@ -279,7 +280,7 @@ class LoopContext:
     run_dir: Path
     config_yaml: str
     build_policy: Callable[[], Policy]
-    make_optimizer: Callable[[Iterable[torch.nn.Parameter], int], tuple[torch.optim.Optimizer, Any]]
+    make_optimizer: Callable[[ParamsT, int], tuple[torch.optim.Optimizer, Any]]
     save_checkpoint: Callable[[Trainer], Path]
     nonfinite: NonFiniteGuard
     save_every: int = 0

@@ -68,7 +68,12 @@ def build_online(ctx: LoopContext) -> OnlineTrainer:
     optimizers: list[tuple[torch.optim.Optimizer, Any]] = []
     if algo.update == "sgd":  # the policy's optimizer (over the value head too when it shares the trunk)
         head = critic.own_parameters() if critic is not None and critic.shared else []
-        optimizers.append(ctx.make_optimizer([*policy.parameters(), *head], updates))
+        # the head in a parameter group of its own (same settings, so the same update): under fsdp2
+        # the trunk's parameters become DTensors and the head's stay plain tensors, and a fused
+        # optimizer step takes one kind per group
+        trunk = list(policy.parameters())
+        params = [{"params": trunk}, {"params": list(head)}] if head else trunk
+        optimizers.append(ctx.make_optimizer(params, updates))
     if critic is not None and not critic.shared:
         optimizer, scheduler = ctx.make_optimizer(critic.own_parameters(), updates)
         if algo.critic_lr is not None:

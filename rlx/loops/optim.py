@@ -8,10 +8,11 @@ make them inf: that stops the run whatever ``on_nonfinite`` says, since the step
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 from transformers import get_scheduler
 
 from rlx.distributed import agree, all_reduce_gradients, clip_sharded_gradients, is_sharded
@@ -22,9 +23,10 @@ Optimizer = torch.optim.Optimizer
 
 
 def make_optimizer(
-    c: dict[str, Any], params: Iterable[torch.nn.Parameter], total_updates: int
+    c: dict[str, Any], params: ParamsT, total_updates: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The configured optimizer (``optimizer._target_``) and transformers' LR schedule."""
+    """The configured optimizer (``optimizer._target_``) over ``params`` (parameters, or parameter
+    groups with the same settings) and transformers' LR schedule."""
     t = c["trainer"]
     optimizer = instantiate_checked(c["optimizer"], where="optimizer", params=list(params), lr=float(t["lr"]))
     total_updates = max(int(total_updates), 1)
