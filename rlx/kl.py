@@ -9,6 +9,9 @@ Interface: ``estimator(logp, ref_logp) -> per_token_kl``, same shape, no reducti
 - ``k3`` (``low_var_kl``): rho - 1 - log rho = exp(-d) - 1 + d. Unbiased, >= 0, low variance.
 - ``abs``: |d|.
 
+Each is registered ``token_local=True`` (a function of the token's own log-probs), which lets the KL in
+the loss take the fused head (`rlx.models.logprobs.FusedLoss`).
+
 Erratum in the source notes: seed 003's ``compute_rewards_with_kl_penalty`` computes "k3" as
 ``(r - 1) - log r`` with ``r = pi / pi_ref``; that estimates KL(pi_ref || pi) and is biased for the
 direction we penalise. Seeds 002 and 004 have it right, as here.
@@ -26,26 +29,26 @@ from rlx.registry import Registry
 KL_ESTIMATORS = Registry("KL estimator", ["rlx.kl"])
 
 
-@KL_ESTIMATORS.register("k1")
+@KL_ESTIMATORS.register("k1", token_local=True)
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k1 = log pi_theta - log pi_ref."""
     return logp - ref_logp
 
 
-@KL_ESTIMATORS.register("k2", aliases=["mse"])
+@KL_ESTIMATORS.register("k2", aliases=["mse"], token_local=True)
 def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k2 = (log pi_theta - log pi_ref)^2 / 2."""
     return 0.5 * (logp - ref_logp).square()
 
 
-@KL_ESTIMATORS.register("k3", aliases=["low_var_kl"])
+@KL_ESTIMATORS.register("k3", aliases=["low_var_kl"], token_local=True)
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k3 = exp(-d) - 1 + d with d = log pi_theta - log pi_ref (``rho - 1 - log rho``)."""
     d = logp - ref_logp
     return torch.expm1(-d) + d
 
 
-@KL_ESTIMATORS.register("abs")
+@KL_ESTIMATORS.register("abs", token_local=True)
 def kl_abs(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """|log pi_theta - log pi_ref|."""
     return (logp - ref_logp).abs()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlx.errors import RlxError
+from rlx.kl import KL_ESTIMATORS
 from rlx.losses.aggregation import AGGREGATIONS
 from rlx.losses.entropy import token_entropy
 from rlx.losses.policy import POLICY_LOSSES
@@ -210,3 +211,45 @@ def test_gspo_uses_the_length_normalised_sequence_ratio_clipped_per_sequence():
     assert logp.grad[0].tolist() == pytest.approx([-s0 / 4, -s0 / 4], rel=1e-5)
     assert logp.grad[1].tolist() == [0.0, 0.0]
     assert s1 > 1 + 4e-4
+
+
+def _per_token_changes(fn, logp: torch.Tensor, t: int) -> torch.Tensor:
+    """Where ``fn(logp)`` changes when only token ``t`` of row 0 moves."""
+    moved = logp.clone()
+    moved[0, t] += 0.3
+    return (fn(moved) - fn(logp)).abs() > 1e-9
+
+
+def test_the_pieces_declared_token_local_or_linear_are():
+    """What the fused head relies on (`FusedLoss`): a policy loss or KL estimator registered
+    ``token_local`` changes only the token whose log-prob moved; an aggregation registered ``linear``
+    is linear in the per-token values. GSPO, not declared, is seen to fail the probe."""
+    torch.manual_seed(0)
+    logp, old, ref = -torch.rand(3, 5) * 3, -torch.rand(3, 5) * 3, -torch.rand(3, 5) * 3
+    adv = torch.randn(3, 1).expand(3, 5).clone()
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    declared = [
+        POLICY_LOSSES.get(n) for n in POLICY_LOSSES.names() if POLICY_LOSSES.get(n).meta.get("token_local")
+    ]
+    assert {e.name for e in declared} == {"pg", "clipped"}
+    for entry in declared:
+        for t in range(5):
+            changed = _per_token_changes(lambda lp, f=entry.fn: f(lp, old, adv, mask)[0], logp, t)
+            changed[0, t] = False
+            assert not changed.any(), entry.name  # (the token itself may sit in the clipped range)
+    gspo = POLICY_LOSSES.get("gspo")
+    assert not gspo.meta.get("token_local")
+    wide = lambda lp: gspo.fn(lp, logp, adv, mask, eps_low=0.5, eps_high=0.5)[0]  # noqa: E731
+    assert _per_token_changes(wide, logp, 0).sum() > 1  # the whole sequence's loss moves
+    kls = [KL_ESTIMATORS.get(n) for n in KL_ESTIMATORS.names()]
+    assert kls and all(e.meta.get("token_local") for e in kls)
+    for entry in kls:
+        changed = _per_token_changes(lambda lp, f=entry.fn: f(lp, ref), logp, 2)
+        assert changed.sum() == 1 and changed[0, 2], entry.name
+    aggs = [AGGREGATIONS.get(n) for n in AGGREGATIONS.names()]
+    assert aggs and all(e.meta.get("linear") for e in aggs)
+    x, y = torch.randn(3, 5), torch.randn(3, 5)
+    for entry in aggs:
+        agg = lambda v, f=entry.fn: f(v, mask, 11.0, 3, max_len=5)  # noqa: E731
+        assert torch.allclose(agg(2.0 * x - 0.5 * y), 2.0 * agg(x) - 0.5 * agg(y), atol=1e-6), entry.name

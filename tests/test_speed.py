@@ -245,3 +245,78 @@ def test_sampling_draws_each_token_with_its_probability():
     tv_ref = 0.5 * (ref - probs.double()).abs().sum().item()
     assert tv < 1.5 * tv_ref + 0.01, (tv, tv_ref)  # as close as torch.multinomial's own draws
     assert draws.max() < v
+
+
+class HeadMatmuls(TorchDispatchMode):
+    """Counts the matmuls (mm / addmm) that have an operand with a dimension of ``vocab``."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            shapes = [t.shape for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+            self.count += any(self.vocab in s for s in shapes)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_fused_loss_head_gives_log_softmaxs_gradient_in_three_head_matmuls(temperature, monkeypatch):
+    """`linear_loss_grads` (the loss's gradient formed in the head's forward) against autograd
+    through log_softmax of the full logits, in float64, for a separable loss of the log-probs with
+    and without an entropy term, chunks that do not divide the rows, a bias, and a frozen head (LoRA);
+    and three matmuls of the head per chunk where `linear_logp_entropy`'s forward and backward take
+    four."""
+    import rlx.models.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "FUSED_CHUNK_ELEMENTS", 7 * 50)  # 7 rows of V = 50 per chunk: 4 chunks
+    torch.manual_seed(0)
+    h = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (23,))
+    old, adv, c = torch.randn(23, dtype=torch.float64) - 4.0, torch.randn(23, dtype=torch.float64), 0.3
+
+    for entropy_grad, frozen in [(False, False), (True, False), (False, True)]:
+        w.requires_grad_(not frozen)
+
+        @torch.enable_grad()  # called inside the head's no-grad chunk loop
+        def chunk_grads(rows, logp, ent, entropy_grad=entropy_grad):
+            lp = logp.detach().requires_grad_()
+            e = ent.detach().requires_grad_() if entropy_grad else None
+            ratio = torch.exp(lp - old[rows])
+            loss = -torch.minimum(ratio * adv[rows], ratio.clamp(0.8, 1.2) * adv[rows])
+            loss = loss.sum() - (c * e.sum() if e is not None else 0.0)
+            g = torch.autograd.grad(loss, [lp] + ([e] if e is not None else []))
+            return g[0], (g[1] if e is not None else None)
+
+        counter = HeadMatmuls(50)
+        with counter:
+            logp, ent, carrier = logprobs.linear_loss_grads(
+                h, w, b, y, temperature, with_entropy=True, entropy_grad=entropy_grad, chunk_grads=chunk_grads
+            )
+            (2.0 * carrier).backward()  # the incoming gradient scales it
+        assert counter.count == (2 if frozen else 3) * 4  # z, g_h and g_W per chunk (no g_W frozen)
+        assert carrier.item() == 0.0 and not logp.requires_grad
+        inputs = (h, b) if frozen else (h, w, b)
+        mine = [x.grad.clone() for x in inputs]
+        for x in (h, w, b):
+            x.grad = None
+        full = torch.log_softmax((h @ w.T + b) / temperature, -1)
+        ref_logp = full.gather(-1, y[:, None])[:, 0]
+        ref_ent = -(full.exp() * full).sum(-1)
+        assert torch.allclose(logp, ref_logp, atol=1e-12) and torch.allclose(ent, ref_ent, atol=1e-12)
+        ratio = torch.exp(ref_logp - old)
+        ref_loss = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).sum()
+        if entropy_grad:
+            ref_loss = ref_loss - c * ref_ent.sum()
+        ref = torch.autograd.grad(2.0 * ref_loss, inputs)
+        for x, r in zip(mine, ref):
+            assert torch.allclose(x, r, atol=1e-10)
+    w.requires_grad_(True)
+    counter = HeadMatmuls(50)
+    with counter:  # the ordinary fused head: the backward recomputes each chunk's logits
+        logp, _ = logprobs.linear_logp_entropy(h, w, b, y, temperature)
+        logp.sum().backward()
+    assert counter.count == 4 * 4

@@ -116,3 +116,70 @@ def test_the_early_stop_is_the_updates_own_not_the_losss(policy):
     before = copy.deepcopy(policy)
     learner = learner_for(before, loss, epochs=3, minibatches=2, early_stop_kl=None)
     assert sgd_update(learner, fixed_batch(before), step=0, kl_coef=0.0)["early_stop"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("loss", "aggregation", "extra"),
+    [
+        ({"name": "clipped", "eps_high": 0.28}, "token_mean", {"kl": "k3", "entropy_coef": 0.01, "tau": 0.7}),
+        ({"name": "pg"}, "seq_mean_token_mean", {"micro": 1}),
+        ({"name": "clipped", "dual_clip": 3.0}, "seq_mean_token_sum_norm", {"kl": "k2", "micro": 3}),
+    ],
+)
+def test_the_fused_head_loss_gives_the_ordinary_paths_update(policy, monkeypatch, loss, aggregation, extra):
+    """The loss's gradient formed in the fused head's forward (`FusedLoss`) against the ordinary path
+    (log-probs with gradient, backward through the head), on pi_old != pi so that clipping acts: the
+    same metrics and the same SGD step, with the KL and the entropy bonus in the loss, a temperature,
+    micro-batches, and 2-row chunks of the head."""
+    import rlx.kl
+    import rlx.models.logprobs as logprobs
+    from rlx.loops import update
+
+    monkeypatch.setattr(logprobs, "FUSED_CHUNK_ELEMENTS", 2 * policy.vocab_size)
+    fused_calls = []
+    real = logprobs.linear_loss_grads
+    monkeypatch.setattr(logprobs, "linear_loss_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    torch.manual_seed(5)
+    noise = 0.5 * torch.randn(MASK.shape)
+    copies = [policy, copy.deepcopy(policy)]
+    results = []
+    for model, fused in zip(copies, (True, False)):
+        monkeypatch.setattr(update.Learner, "fuses_loss", property(lambda self, fused=fused: fused))
+        learner = learner_for(
+            model,
+            POLICY_LOSSES.resolve(loss, where="loss"),
+            aggregation=aggregation,
+            micro=extra.get("micro"),
+            entropy_coef=extra.get("entropy_coef", 0.0),
+        )
+        learner.temperature = extra.get("tau", 1.0)
+        batch = fixed_batch(model)
+        ro = batch.rollout
+        ro.old_logp = (ro.old_logp + noise) * MASK
+        if "kl" in extra:
+            learner.pieces.kl = rlx.kl.KL_ESTIMATORS.resolve(extra["kl"], where="kl")
+            learner.kl_in_loss = True
+            batch.ref_logp = (ro.old_logp - noise.flip(0)) * MASK
+        calls = len(fused_calls)
+        results.append(sgd_update(learner, batch, step=0, kl_coef=0.1))
+        assert (len(fused_calls) > calls) == fused  # the path under test is the one taken
+    mine, ordinary = results
+    assert mine.keys() == ordinary.keys()
+    for key in ordinary:
+        assert mine[key] == pytest.approx(ordinary[key], rel=1e-5, abs=1e-7), key
+    assert ordinary.get("clip_frac", 0.0) > 0 or loss["name"] == "pg"
+    for p, q in zip(*(m.parameters() for m in copies)):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_only_declared_pieces_take_the_fused_head(policy):
+    """GSPO's sequence-level ratio is not token-local, and neither is a loss registered without the
+    declaration: both keep the ordinary path."""
+    learner = learner_for(policy, POLICY_LOSSES.resolve({"name": "clipped"}, where="loss"))
+    assert learner.fuses_loss
+    assert not learner_for(policy, POLICY_LOSSES.resolve({"name": "gspo"}, where="loss")).fuses_loss
+
+    def my_pg(logp, old_logp, advantages, mask):
+        return -advantages * logp, {}
+
+    assert not learner_for(policy, Resolved(Entry("my_pg", my_pg), {}, {})).fuses_loss

@@ -28,6 +28,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ from rlx.losses.aggregation import token_mean
 from rlx.losses.value import clipped_value_loss
 from rlx.masked import masked_mean, masked_sum
 from rlx.models import Policy
-from rlx.models.logprobs import CompletionScores
+from rlx.models.logprobs import CompletionScores, FusedLoss
 from rlx.models.value import Critic
 from rlx.registry import Registry, Resolved
 from rlx.rollout import Rollout
@@ -118,12 +119,27 @@ class Learner:
         agg, max_len = self.pieces.aggregation, self.max_len
         return lambda x, mask: agg(x, mask, num_tokens, num_seqs, max_len=max_len)
 
-    def forward(self, ro: Rollout, idx: Tensor, *, entropy: bool) -> tuple[CompletionScores, Tensor | None]:
+    @property
+    def fuses_loss(self) -> bool:
+        """Whether the loss's terms in the log-probs can go into the fused head (`FusedLoss`): a policy
+        loss (and KL estimator, when the KL is in the loss) declared ``token_local``, aggregated by a
+        ``linear`` aggregation. A piece registered without the declaration takes the ordinary path."""
+        pieces = [self.pieces.policy_loss] + ([self.pieces.kl] if self.kl_in_loss and self.pieces.kl else [])
+        return self.pieces.aggregation.entry.meta.get("linear", False) and all(
+            p.entry.meta.get("token_local", False) for p in pieces
+        )
+
+    def forward(
+        self, ro: Rollout, idx: Tensor, *, entropy: bool, fused_loss: FusedLoss | None = None
+    ) -> tuple[CompletionScores, Tensor | None]:
         """Log-probs (and the entropy when asked) of rows ``idx`` and, with a critic, their values; one
-        pass when the trunk is shared. No ``[N, T, V]`` logits (`Policy.score`)."""
+        pass when the trunk is shared. No ``[N, T, V]`` logits (`Policy.score`, which says what
+        ``fused_loss`` does)."""
         args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.tokens[idx], ro.mask[idx])
         shared = self.critic is not None and self.critic.shared
-        scores = self.policy.score(*args, self.temperature, entropy=entropy, hidden=shared)
+        scores = self.policy.score(
+            *args, self.temperature, entropy=entropy, hidden=shared, fused_loss=fused_loss
+        )
         if self.critic is None:
             return scores, None
         if shared:
@@ -164,14 +180,20 @@ def minibatch_gradients(
         idx = parts[k]
         share = len(idx) / num_seqs
         mask = ro.mask[idx]
-        scores, values = learner.forward(ro, idx, entropy=bool(algo.entropy_coef) or log_entropy)
-        logp = scores.logp
-        assert batch.advantages is not None
-        per_token, loss_metrics = learner.pieces.policy_loss(
-            logp, ro.old_logp[idx], batch.advantages[idx], mask
+
+        terms_of = partial(logp_terms, learner, batch, idx, mask, agg, kl_coef)
+        fused = None
+        if learner.fuses_loss:  # the loss's gradient through the LM head formed in its forward
+            fused = FusedLoss(partial(total_of, terms_of), ro.old_logp[idx], bool(algo.entropy_coef))
+        scores, values = learner.forward(
+            ro, idx, entropy=bool(algo.entropy_coef) or log_entropy, fused_loss=fused
         )
-        policy_loss = agg(per_token, mask)
-        total = policy_loss
+        logp, entropy = scores.logp, scores.entropy
+        terms = terms_of(logp, entropy)
+        policy_loss, loss_metrics = terms.policy, terms.metrics
+        # the value of the loss is computed on the log-probs either way; on the fused head they carry
+        # no gradient and the zero `head_grad` carries it
+        total = terms.total if scores.head_grad is None else terms.total.detach() + scores.head_grad
         what = f"loss (policy loss {policy_loss.item()})"
         if values is not None:
             assert batch.values is not None and batch.returns is not None
@@ -179,18 +201,11 @@ def minibatch_gradients(
                 values, batch.values[idx], batch.returns[idx], mask, clip_range=algo.cliprange_value
             )
             value_loss = token_mean(value_tokens, mask, num_tokens, num_seqs)
-            total = policy_loss + algo.vf_coef * value_loss
+            total = total + algo.vf_coef * value_loss
             what = f"loss (policy loss {policy_loss.item()}, value loss {value_loss.item()})"
             loss_metrics = {**loss_metrics, **value_metrics}
-        entropy = scores.entropy  # computed only when the bonus is on or the metric is logged
-        if algo.entropy_coef:
-            assert entropy is not None
-            total = total - algo.entropy_coef * agg(entropy, mask)
-        if learner.kl_in_loss:
-            assert batch.ref_logp is not None and learner.pieces.kl is not None
-            kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)
-            total = total + kl_coef * kl_loss
-            m["loss/kl"] += kl_loss.item()
+        if terms.kl is not None:
+            m["loss/kl"] += terms.kl.item()
         everywhere = finite_everywhere(total, learner.policy.model)  # fsdp2: the ranks agree first
         if not math.isfinite(total.item()):
             bad = (total.item(), what)
@@ -214,6 +229,51 @@ def minibatch_gradients(
     # h11: the metrics are shares of the global minibatch: their sum over ranks is its value
     m = defaultdict(float, all_reduce_dict(m, keys=union_keys(m)))
     return m, all_reduce_sum(kl_old_sum) / max(num_tokens, 1.0)
+
+
+@dataclass
+class LogpTerms:
+    """The loss's terms in the policy's log-probs (and entropies) for one micro-batch: ``total`` =
+    ``policy`` - entropy_coef * aggregate(entropy) + beta * ``kl``, and the policy loss's metrics."""
+
+    total: Tensor
+    policy: Tensor
+    kl: Tensor | None
+    metrics: dict[str, Any]
+
+
+def logp_terms(
+    learner: Learner,
+    batch: Batch,
+    idx: Tensor,
+    mask: Tensor,
+    agg: Callable[[Tensor, Tensor], Tensor],
+    kl_coef: float,
+    logp: Tensor,
+    entropy: Tensor | None,
+) -> LogpTerms:
+    """The terms of the module docstring's loss that read the log-probs, for rows ``idx``."""
+    assert batch.advantages is not None
+    per_token, metrics = learner.pieces.policy_loss(
+        logp, batch.rollout.old_logp[idx], batch.advantages[idx], mask
+    )
+    policy_loss = agg(per_token, mask)
+    total = policy_loss
+    if learner.algo.entropy_coef:
+        assert entropy is not None
+        total = total - learner.algo.entropy_coef * agg(entropy, mask)
+    kl_loss = None
+    if learner.kl_in_loss:
+        assert batch.ref_logp is not None and learner.pieces.kl is not None
+        kl_loss = agg(learner.pieces.kl(logp, batch.ref_logp[idx]), mask)
+        total = total + kl_coef * kl_loss
+    return LogpTerms(total, policy_loss, kl_loss, metrics)
+
+
+def total_of(
+    terms_of: Callable[[Tensor, Tensor | None], LogpTerms], logp: Tensor, entropy: Tensor | None
+) -> Tensor:
+    return terms_of(logp, entropy).total
 
 
 def zero_weight_pass(learner: Learner, batch: Batch, rows: Tensor) -> bool:

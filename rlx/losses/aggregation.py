@@ -13,6 +13,9 @@ When called on a whole minibatch they default to its own counts.
 - ``seq_mean_token_sum``: mean over sequences of each sequence's token sum.
 - ``seq_mean_token_sum_norm``: sum_{i,t} L m / (num_seqs * T_max), T_max a constant (Dr. GRPO,
   Liu et al. 2025); rlx takes T_max = the generation budget ``max_new_tokens`` unless set.
+
+Each is registered ``linear=True``: linear in ``per_token``, its weights a function of the mask and the
+counts only, which the fused head (`rlx.models.logprobs.FusedLoss`) needs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _counts(mask: Tensor, num_tokens: float | None, num_seqs: int | None) -> tup
     return max(tokens, 1.0), max(seqs, 1)
 
 
-@AGGREGATIONS.register("token_mean")
+@AGGREGATIONS.register("token_mean", linear=True)
 def token_mean(
     per_token: Tensor,
     mask: Tensor,
@@ -45,7 +48,7 @@ def token_mean(
     return masked_sum(per_token, mask) / tokens
 
 
-@AGGREGATIONS.register("seq_mean_token_mean")
+@AGGREGATIONS.register("seq_mean_token_mean", linear=True)
 def seq_mean_token_mean(
     per_token: Tensor,
     mask: Tensor,
@@ -60,7 +63,7 @@ def seq_mean_token_mean(
     return per_seq.sum() / seqs
 
 
-@AGGREGATIONS.register("seq_mean_token_sum")
+@AGGREGATIONS.register("seq_mean_token_sum", linear=True)
 def seq_mean_token_sum(
     per_token: Tensor,
     mask: Tensor,
@@ -74,7 +77,7 @@ def seq_mean_token_sum(
     return masked_sum(per_token, mask) / seqs
 
 
-@AGGREGATIONS.register("seq_mean_token_sum_norm")
+@AGGREGATIONS.register("seq_mean_token_sum_norm", linear=True)
 def seq_mean_token_sum_norm(
     per_token: Tensor,
     mask: Tensor,

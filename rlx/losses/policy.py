@@ -5,6 +5,11 @@ Interface: ``loss(logp, old_logp, advantages, mask, *, hparams) -> (per_token_lo
 constants. ``metrics`` are detached, masked scalars. Aggregation to one number is a separate, named
 step (`rlx.losses.aggregation`).
 
+``token_local=True`` at registration declares that each token's loss is a function of that token's
+``logp`` alone (pg, clipped; not GSPO, whose ratio is a sequence's). Such a loss takes the fused head
+(`rlx.models.logprobs.FusedLoss`): its gradient through the LM head is formed in the update's forward,
+three matmuls of the head instead of four. A loss registered without it takes the ordinary path.
+
 Erratum in the lecture's ``compute_loss``: its "unclipped" and "clipped" ratios are written as
 ``log_probs / old_log_probs``; the ratio is ``exp(logp - old_logp)``.
 """
@@ -26,7 +31,7 @@ def approx_kl_old(log_ratio: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(torch.expm1(log_ratio) - log_ratio, mask).detach()
 
 
-@POLICY_LOSSES.register("pg")
+@POLICY_LOSSES.register("pg", token_local=True)
 def policy_gradient_loss(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -38,7 +43,7 @@ def policy_gradient_loss(
     return -advantages * logp, {"kl/old": approx_kl_old(log_ratio, mask)}
 
 
-@POLICY_LOSSES.register("clipped")
+@POLICY_LOSSES.register("clipped", token_local=True)
 def clipped_surrogate_loss(
     logp: Tensor,
     old_logp: Tensor,

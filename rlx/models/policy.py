@@ -29,7 +29,14 @@ from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from rlx.errors import RlxError
-from rlx.models.logprobs import CompletionScores, _accepts, prompt_groups, score_completions, shares_prompts
+from rlx.models.logprobs import (
+    CompletionScores,
+    FusedLoss,
+    _accepts,
+    prompt_groups,
+    score_completions,
+    shares_prompts,
+)
 from rlx.models.logprobs import completion_forward as completion_forward
 from rlx.models.logprobs import token_logp as token_logp
 from rlx.tasks import Task
@@ -234,10 +241,12 @@ class Policy:
         *,
         entropy: bool = False,
         hidden: bool = False,
+        fused_loss: FusedLoss | None = None,
     ) -> CompletionScores:
         """``log pi(y_t)`` ``[N, T]`` of the given completion tokens (0 after EOS), with gradient, and on
         request the entropy and the last hidden state at each completion position, without ``[N, T, V]``
-        logits where the model allows it (`rlx.models.logprobs.score_completions`)."""
+        logits where the model allows it (`rlx.models.logprobs.score_completions`, which also says what
+        ``fused_loss`` does)."""
         with self.autocast():
             return score_completions(
                 self.model,
@@ -248,6 +257,7 @@ class Policy:
                 temperature,
                 entropy=entropy,
                 hidden=hidden,
+                fused_loss=fused_loss,
             )
 
     # -- sampling ------------------------------------------------------------------------------
