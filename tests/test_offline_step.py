@@ -39,7 +39,14 @@ def nll_by_hand(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 1])
-def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size):
+def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size, monkeypatch):
+    """On the fused head with the NLL's gradient formed in its forward (`FusedLoss`; the NLL is
+    token-local), checked against autograd through the model's own logits."""
+    import rlx.models.logprobs as logprobs
+
+    fused_calls = []
+    real = logprobs.linear_loss_grads
+    monkeypatch.setattr(logprobs, "linear_loss_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     policy = tiny_policy()
     by_hand = copy.deepcopy(policy.model)
     loss = PREFERENCE_LOSSES.resolve({"name": "sft_nll"}, where="algo.loss")
@@ -71,6 +78,7 @@ def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size):
     for (name, new), old in zip(policy.model.named_parameters(), by_hand.parameters()):
         assert torch.allclose(new, old - 0.1 * scale * old.grad, atol=1e-6), name
     assert not policy.model.training  # back in eval mode after the step
+    assert len(fused_calls) == (2 if micro_batch_size == 1 else 1)
 
 
 def test_a_dpo_step_starts_at_log2_and_moves_the_policy_not_the_reference():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -41,6 +42,7 @@ from rlx.loops.optim import optimizer_step
 from rlx.losses.aggregation import token_mean
 from rlx.masked import masked_sum
 from rlx.models import Policy, token_logp
+from rlx.models.logprobs import FusedLoss
 from rlx.models.reward_model import RewardModelHandle, encode_for_reward, reward_scores
 from rlx.registry import Resolved
 from rlx.tracking import LiveProgress
@@ -138,17 +140,27 @@ class CompletionsFeed(Feed):
     def micro_loss(
         self, data: Items, rows: list[int], cache: Tensor | None, norm: float
     ) -> tuple[Tensor, dict[str, float]]:
+        head_grad = None
         if isinstance(data, Encoded):
             p_ids, p_mask, c_ids, c_mask = pad_batch(
                 [data.prompts[i] for i in rows], [data.first[i] for i in rows], self.pad_id(), self.device
             )
-            logp = self.policy.score(p_ids, p_mask, c_ids, c_mask).logp
-            mask = c_mask
+            fused = None
+            if self.loss.entry.meta.get("token_local"):  # the NLL's gradient formed in the head's forward
+                fused = FusedLoss(partial(self.sft_loss, mask=c_mask, norm=norm), torch.zeros_like(c_mask))
+            scores = self.policy.score(p_ids, p_mask, c_ids, c_mask, fused_loss=fused)
+            logp, mask, head_grad = scores.logp, c_mask, scores.head_grad
         else:
             logp, mask = self.packed_logp([data[i] for i in rows])
-        per_token, _ = self.loss(logp, mask)
-        loss = token_mean(per_token, mask, num_tokens=norm)
+        loss = self.sft_loss(logp, None, mask=mask, norm=norm)
+        if head_grad is not None:  # the log-probs carry no gradient: the zero `head_grad` does
+            loss = loss.detach() + head_grad
         return loss, {"loss/sft": loss.item()}
+
+    def sft_loss(self, logp: Tensor, entropy: Tensor | None, *, mask: Tensor, norm: float) -> Tensor:
+        """The loss's per-token values, ``token_mean`` over the batch's ``norm`` tokens."""
+        per_token, _ = self.loss(logp, mask)
+        return token_mean(per_token, mask, num_tokens=norm)
 
     def packed_logp(self, packed: list[PackedRow]) -> tuple[Tensor, Tensor]:
         """Token log-probs and loss mask ``[n, width - 1]`` of packed rows (positions restart per

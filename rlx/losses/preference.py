@@ -7,7 +7,9 @@ Each registered function declares what it consumes with ``inputs=`` (one of `INP
 offline loop picks how to feed it from that declaration alone (`rlx.loops.offline_feeds`):
 
 - ``"completions"``: ``(logp [N, T], mask [N, T]) -> (per_token_loss [N, T], metrics)`` on prompt ->
-  completion rows (SFT); aggregation is the separate `rlx.losses.aggregation` step.
+  completion rows (SFT); aggregation is the separate `rlx.losses.aggregation` step. A loss
+  registered ``token_local=True`` (each token's loss a function of that token's log-prob alone, as
+  the NLL) takes the fused head (`rlx.models.logprobs.FusedLoss`) on unpacked rows.
 - ``"pairs"``: ``(logp_chosen, logp_rejected, ref_chosen, ref_rejected) -> (loss [B], metrics)`` on
   prompt/chosen/rejected rows, each argument a *sequence* log-prob ``[B]`` (the masked sum of
   completion-token log-probs, ALGORITHMS.md "Preference and supervised losses") of the policy or the
@@ -154,7 +156,7 @@ def rm_pairwise_loss(
     }
 
 
-@PREFERENCE_LOSSES.register("sft_nll", inputs="completions")
+@PREFERENCE_LOSSES.register("sft_nll", inputs="completions", token_local=True)
 def sft_nll_loss(logp: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Supervised fine-tuning: the negative log-likelihood of completion tokens only.
 
