@@ -195,14 +195,6 @@ def test_seed_000_walkthrough_negative_advantage_lowers_chosen_tokens():
 
 def test_gspo_uses_the_length_normalised_sequence_ratio_clipped_per_sequence():
     """GSPO (Zheng et al. 2025) by hand: s_i = exp(mean_t(logp - old_logp)), clipped per sequence."""
-    from rlx.losses.preference import PREFERENCE_LOSSES
-
-    offline = [
-        e for n in PREFERENCE_LOSSES.names() if (e := PREFERENCE_LOSSES.get(n)).meta.get("token_local")
-    ]
-    assert [e.name for e in offline] == ["sft_nll"]
-    changed = _per_token_changes(lambda lp: offline[0].fn(lp, mask)[0], logp, 2)
-    assert changed.sum() == 1 and changed[0, 2]
     gspo = POLICY_LOSSES.get("gspo").fn
     old = torch.tensor([[-1.0, -2.0], [-1.5, -0.7]])
     logp = (old + torch.tensor([[0.1, -0.3], [0.2, 0.0]])).requires_grad_(True)
@@ -246,6 +238,14 @@ def test_the_pieces_declared_token_local_or_linear_are():
             changed = _per_token_changes(lambda lp, f=entry.fn: f(lp, old, adv, mask)[0], logp, t)
             changed[0, t] = False
             assert not changed.any(), entry.name  # (the token itself may sit in the clipped range)
+    from rlx.losses.preference import PREFERENCE_LOSSES
+
+    offline = [
+        e for n in PREFERENCE_LOSSES.names() if (e := PREFERENCE_LOSSES.get(n)).meta.get("token_local")
+    ]
+    assert [e.name for e in offline] == ["sft_nll"]
+    changed = _per_token_changes(lambda lp: offline[0].fn(lp, mask)[0], logp, 2)
+    assert changed.sum() == 1 and changed[0, 2]
     gspo = POLICY_LOSSES.get("gspo")
     assert not gspo.meta.get("token_local")
     wide = lambda lp: gspo.fn(lp, logp, adv, mask, eps_low=0.5, eps_high=0.5)[0]  # noqa: E731
