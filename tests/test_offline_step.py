@@ -81,6 +81,36 @@ def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size, mon
     assert len(fused_calls) == (2 if micro_batch_size == 1 else 1)
 
 
+def test_one_packed_sft_step_is_the_gradient_step_by_hand(monkeypatch):
+    """Packed rows (`pack_rows`: both examples in one row, positions restarting) through the fused head
+    with the NLL's gradient formed in its forward, against autograd through the model's own logits of
+    the packed row."""
+    import rlx.models.logprobs as logprobs
+    from rlx.data.encode import pack_rows
+
+    fused_calls = []
+    real = logprobs.linear_loss_grads
+    monkeypatch.setattr(logprobs, "linear_loss_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    policy = tiny_policy()
+    by_hand = copy.deepcopy(policy.model)
+    loss = PREFERENCE_LOSSES.resolve({"name": "sft_nll"}, where="algo.loss")
+    feed = CompletionsFeed(policy, loss, max_len=64)
+    packed = pack_rows(Encoded(prompts=PROMPTS, first=COMPLETIONS), 64)
+    assert len(packed) == 1
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    common = dict(scheduler=None, grad_clip=None, guard=NonFiniteGuard("stop"), step=0, micro_batch_size=None)
+    metrics = offline_step(feed, packed, [0], optimizer=optimizer, **common)
+    ids, labels, pos = (torch.tensor([x]) for x in packed[0])
+    logp = torch.log_softmax(by_hand(input_ids=ids, position_ids=pos).logits[0, :-1].float(), -1)
+    chosen = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    expected = -(chosen * labels[0, 1:]).sum() / labels[0, 1:].sum()
+    expected.backward()
+    assert metrics["loss/sft"] == pytest.approx(expected.item(), rel=1e-5)
+    for (name, new), old in zip(policy.model.named_parameters(), by_hand.parameters()):
+        assert torch.allclose(new, old - 0.1 * old.grad, atol=1e-6), name
+    assert fused_calls == [1]
+
+
 def test_a_dpo_step_starts_at_log2_and_moves_the_policy_not_the_reference():
     policy = tiny_policy()
     loss = PREFERENCE_LOSSES.resolve({"name": "dpo", "beta": 0.1}, where="algo.loss")

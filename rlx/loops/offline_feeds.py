@@ -41,8 +41,8 @@ from rlx.loops import chunks
 from rlx.loops.optim import optimizer_step
 from rlx.losses.aggregation import token_mean
 from rlx.masked import masked_sum
-from rlx.models import Policy, token_logp
-from rlx.models.logprobs import FusedLoss
+from rlx.models import Policy
+from rlx.models.logprobs import CompletionScores, FusedLoss, score_packed
 from rlx.models.reward_model import RewardModelHandle, encode_for_reward, reward_scores
 from rlx.registry import Resolved
 from rlx.tracking import LiveProgress
@@ -140,18 +140,15 @@ class CompletionsFeed(Feed):
     def micro_loss(
         self, data: Items, rows: list[int], cache: Tensor | None, norm: float
     ) -> tuple[Tensor, dict[str, float]]:
-        head_grad = None
         if isinstance(data, Encoded):
             p_ids, p_mask, c_ids, c_mask = pad_batch(
                 [data.prompts[i] for i in rows], [data.first[i] for i in rows], self.pad_id(), self.device
             )
-            fused = None
-            if self.loss.entry.meta.get("token_local"):  # the NLL's gradient formed in the head's forward
-                fused = FusedLoss(partial(self.sft_loss, mask=c_mask, norm=norm), torch.zeros_like(c_mask))
-            scores = self.policy.score(p_ids, p_mask, c_ids, c_mask, fused_loss=fused)
-            logp, mask, head_grad = scores.logp, c_mask, scores.head_grad
+            scores = self.policy.score(p_ids, p_mask, c_ids, c_mask, fused_loss=self.fused(c_mask, norm))
+            mask = c_mask
         else:
-            logp, mask = self.packed_logp([data[i] for i in rows])
+            scores, mask = self.packed_scores([data[i] for i in rows], norm)
+        logp, head_grad = scores.logp, scores.head_grad
         loss = self.sft_loss(logp, None, mask=mask, norm=norm)
         if head_grad is not None:  # the log-probs carry no gradient: the zero `head_grad` does
             loss = loss.detach() + head_grad
@@ -162,9 +159,17 @@ class CompletionsFeed(Feed):
         per_token, _ = self.loss(logp, mask)
         return token_mean(per_token, mask, num_tokens=norm)
 
-    def packed_logp(self, packed: list[PackedRow]) -> tuple[Tensor, Tensor]:
+    def fused(self, mask: Tensor, norm: float) -> FusedLoss | None:
+        """The loss for the fused head when it is token-local (the NLL is): its gradient is formed in
+        the head's forward."""
+        if not self.loss.entry.meta.get("token_local"):
+            return None
+        return FusedLoss(partial(self.sft_loss, mask=mask, norm=norm), torch.zeros_like(mask))
+
+    def packed_scores(self, packed: list[PackedRow], norm: float) -> tuple[CompletionScores, Tensor]:
         """Token log-probs and loss mask ``[n, width - 1]`` of packed rows (positions restart per
-        example, `rlx.data.encode.pack_rows`)."""
+        example, `rlx.data.encode.pack_rows`), through the fused head where the model allows it
+        (`score_packed`)."""
         width = max(len(row[0]) for row in packed)
         n = len(packed)
         ids = torch.full((n, width), self.pad_id(), dtype=torch.long)
@@ -179,8 +184,10 @@ class CompletionsFeed(Feed):
             )
             attn[k, : len(x)] = 1
         ids, lab, pos, attn = (t.to(self.device) for t in (ids, lab, pos, attn))
-        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-        return token_logp(logits[:, :-1], ids[:, 1:]), lab[:, 1:]
+        mask = lab[:, 1:]
+        with self.policy.autocast():
+            scores = score_packed(self.model, ids, attn, pos, lab, self.fused(mask, norm))
+        return scores, mask
 
     def eval_metrics(self, out: dict[str, float]) -> dict[str, float]:
         out.pop("eval/loss/sft", None)  # the same number as eval/loss

@@ -19,6 +19,11 @@ Every micro-batch's loss is normalised by its minibatch's token and sequence cou
 accumulation gives exactly the unsplit minibatch's update. The value loss is always a token mean
 over the minibatch (as TRL and OpenRLHF), whatever ``algo.aggregation``.
 
+The terms in the log-probs (`logp_terms`: the policy loss, the entropy bonus, the KL) go into the fused
+LM head as a `FusedLoss` when every piece is declared token-local (`Learner.fuses_loss`): their
+gradient through the head is then formed in the forward, and their value is computed on the same
+log-probs either way.
+
 An update is a function of a `Batch` and a `Learner`: tests call it on a hand-built batch.
 """
 

@@ -11,6 +11,12 @@ of Liger-Kernel (Hsu et al., 2024) and of Apple's Cut Cross-Entropy (Wijmans et 
 in plain torch for the log-prob of the *sampled* token (what RL needs) plus the entropy. Rows after a
 completion's EOS are never scored: their log-prob is 0, as the rollout's old log-probs are.
 
+When the loss is token-local (`FusedLoss`), the update goes one step further, as Liger-Kernel's fused
+linear GRPO loss does: the loss's gradient in each chunk's log-probs is taken while that chunk's logits
+are in memory and turned into the gradients of the hidden states and the head there
+(`linear_loss_grads`), so nothing is recomputed in the backward: three matmuls of the head per chunk
+instead of four.
+
 Whether a model's logits really are ``hidden @ W^T + b`` (no soft-capping, no logit scale) is checked
 once per model by comparing the two on a three-token input; models that fail the check, or have no
 linear output embedding, go through their logits in chunks (`token_logp`).
@@ -674,7 +680,21 @@ def score_completions(
         return CompletionScores(logp, ent, states)
     _, h = completion_forward(model, prompt_ids, prompt_mask, completion, comp_mask, True, logits=False)
     assert h is not None
-    real = comp_mask.bool()
+    return head_scores(head, h, completion, comp_mask.bool(), temperature, entropy, fused_loss, hidden)
+
+
+def head_scores(
+    head: nn.Linear,
+    h: Tensor,
+    tokens: Tensor,
+    real: Tensor,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    fused_loss: FusedLoss | None = None,
+    hidden: bool = False,
+) -> CompletionScores:
+    """The fused head over the hidden states ``h`` ``[N, T, H]`` that predict ``tokens`` ``[N, T]``,
+    at the positions ``real`` (bool ``[N, T]``; 0 elsewhere): `score_completions`' second half."""
     head_grad = None
     if fused_loss is not None and torch.is_grad_enabled():
         chunk_grads = _chunk_grads(fused_loss, real)
@@ -682,7 +702,7 @@ def score_completions(
             h[real],
             head.weight,
             head.bias,
-            completion[real],
+            tokens[real],
             temperature,
             entropy,
             fused_loss.entropy_grad,
@@ -690,7 +710,7 @@ def score_completions(
         )
     else:
         logp_real, ent_real = linear_logp_entropy(
-            h[real], head.weight, head.bias, completion[real], temperature, with_entropy=entropy
+            h[real], head.weight, head.bias, tokens[real], temperature, with_entropy=entropy
         )
     logp = logp_real.new_zeros(real.shape).masked_scatter(real, logp_real)
     ent = None
@@ -731,3 +751,27 @@ def _chunk_grads(loss: FusedLoss, real: Tensor) -> ChunkGrads:
 def _spliced(rest: Tensor, rows: slice, part: Tensor) -> Tensor:
     """``rest`` with ``rest[rows]`` replaced by ``part``, differentiable in ``part``."""
     return torch.cat([rest[: rows.start], part, rest[rows.stop :]])
+
+
+def score_packed(
+    model: Any,
+    ids: Tensor,
+    attn: Tensor,
+    positions: Tensor,
+    labels: Tensor,
+    fused_loss: FusedLoss | None = None,
+) -> CompletionScores:
+    """``log pi`` of every next token of packed rows ``ids`` ``[n, w]`` (position ids restarting per
+    example, `rlx.data.encode.pack_rows`) where ``labels`` ``[n, w]`` marks a completion token: ``[n, w -
+    1]``, 0 at unlabelled positions. The fused head when `linear_head` accepts the model (with
+    ``fused_loss`` as in `score_completions`), else the model's logits, chunked."""
+    real = labels[:, 1:].bool()
+    head = linear_head(model)
+    if head is None:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits
+        return CompletionScores(token_logp(logits[:, :-1], ids[:, 1:]) * real, None, None)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=True, **extra
+    )
+    return head_scores(head, out.hidden_states[-1][:, :-1], ids[:, 1:], real, fused_loss=fused_loss)
