@@ -131,6 +131,7 @@ def test_sampling_prefills_each_prompt_once_and_draws_what_the_full_prefill_draw
     policy = Policy(qwen2(), build_number_tokenizer(10), TASK, "qwen2")
     ids, mask, _, _ = batch(300, "grouped")
     sampling = Sampling(temperature=0.9, max_new_tokens=6)
+    assert rlx.models.policy.decode_head(policy.model) is not None  # its one-time checks run before counting
     seen = count_tokens(policy.model)
     torch.manual_seed(5)
     tokens, comp_mask, logp = policy.generate(ids, mask, sampling)

@@ -320,3 +320,62 @@ def test_the_fused_loss_head_gives_log_softmaxs_gradient_in_three_head_matmuls(t
         logp, _ = logprobs.linear_logp_entropy(h, w, b, y, temperature)
         logp.sum().backward()
     assert counter.count == 4 * 4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_decode_steps_write_their_logits_into_one_buffer_with_the_same_draws(temperature, monkeypatch):
+    """Sampling's decode steps skip the model's own LM head (`decode_head`: ``logits_to_keep`` an empty
+    index tensor) and write the logits into one reused buffer: the same tokens and log-probs as with
+    the model's head, from the same seed, and the head module is never run on a position (prompts
+    that repeat are prefilled once, through the model's own head)."""
+    import rlx.models.policy as policy_module
+
+    policy = qwen2_policy()
+    n, v = 8, policy.vocab_size
+    assert policy_module.decode_head(policy.model) is policy.model.lm_head
+    torch.manual_seed(2)
+    ids = torch.randint(5, v, (n // 2, 5)).repeat_interleave(2, dim=0)  # two rows per prompt
+    mask = torch.ones_like(ids)
+    mask[:2, :2] = 0
+    ids[:2, :2] = policy.pad_id
+    sampling = Sampling(temperature=temperature, max_new_tokens=6)
+    positions = []
+    hook = policy.model.lm_head.register_forward_hook(lambda m, i, o: positions.append(o.shape[1]))
+    torch.manual_seed(3)
+    mine = policy.generate(ids, mask, sampling)
+    hook.remove()
+    assert positions[0] == 1 and all(p == 0 for p in positions[1:])  # the prefill, then no head runs
+    monkeypatch.setattr(policy_module, "decode_head", lambda model: None)
+    torch.manual_seed(3)
+    theirs = policy.generate(ids, mask, sampling)
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+    assert torch.allclose(mine[2], theirs[2], atol=1e-6)
+    ungrouped = torch.randint(5, v, (3, 4))  # no prompt repeats: the prefill skips the head too
+    positions.clear()
+    policy.model.lm_head.register_forward_hook(lambda m, i, o: positions.append(o.shape[1]))
+    monkeypatch.undo()
+    policy.generate(ungrouped, torch.ones_like(ungrouped), sampling)
+    assert positions and all(p == 0 for p in positions)
+
+
+def test_a_model_whose_head_cannot_be_skipped_decodes_through_its_own_head():
+    """A model whose ``logits_to_keep`` takes only an int (the check's forward fails) keeps the
+    model's own head in sampling."""
+    import rlx.models.logprobs as logprobs
+
+    class IntOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, input_ids=None, logits_to_keep: int = 0, **kw):
+            if not isinstance(logits_to_keep, int):
+                raise TypeError("logits_to_keep must be an int")
+            return self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw)
+
+    wrapped = IntOnly(tiny_qwen2(300).eval())
+    assert logprobs.linear_head(wrapped) is wrapped.inner.lm_head
+    assert logprobs.decode_head(wrapped) is None

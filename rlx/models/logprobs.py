@@ -642,6 +642,59 @@ def _head_matches_logits(model: Any, head: nn.Linear) -> bool:
         model.train(was_training)
 
 
+def decode_head(model: Any) -> nn.Linear | None:
+    """The model's output layer when a decode step can skip the model's own LM head: `linear_head`
+    accepts the model, and a forward with ``logits_to_keep`` an empty index tensor (transformers'
+    ``slice_logits_to_keep``: keep no position) returns no logits and the hidden states. Then sampling
+    writes each step's ``[N, V]`` logits into one buffer (`head_logits_into`) instead of the fresh
+    tensor the model's head allocates every step: above glibc's 32 MB mmap threshold (N >= 56 at
+    V = 151936) every such allocation is a fresh mapping whose page faults cost as much as the matmul.
+    Checked once per model instance on a two-token input; a model that takes only an int fails it."""
+    head = linear_head(model)
+    if head is None or not _accepts(model, "logits_to_keep"):
+        return None
+    known = _DECODE_HEADS.get(model)
+    if known is None:
+        known = _DECODE_HEADS[model] = _skips_logits(model)
+    return head if known else None
+
+
+_DECODE_HEADS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def keep_no_logits(device: torch.device) -> dict[str, Any]:
+    """The forward's keywords for a step whose logits `head_logits_into` computes (`decode_head`)."""
+    return {"logits_to_keep": torch.empty(0, dtype=torch.long, device=device), "output_hidden_states": True}
+
+
+@torch.no_grad()
+def _skips_logits(model: Any) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.ones(1, 2, dtype=torch.long, device=device), **keep_no_logits(device))
+        logits, states = getattr(out, "logits", None), getattr(out, "hidden_states", None)
+        return logits is not None and logits.shape[1] == 0 and bool(states) and states[-1].shape[1] == 2
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+def head_logits_into(buf: Tensor | None, out: Any, head: nn.Linear) -> Tensor:
+    """The last position's logits ``[N, V]`` (float32) of a forward run with `keep_no_logits`, written
+    into ``buf`` (allocated when None or of another size; reuse the returned tensor)."""
+    h = out.hidden_states[-1][:, -1]
+    if buf is None or buf.shape[0] != h.shape[0]:
+        buf = h.new_empty(h.shape[0], head.weight.shape[0], dtype=torch.float32)
+    return _logits_into(buf, h.detach(), head.weight.detach(), _detached(head.bias), 1.0)
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 # --------------------------------------------------------------------------------------------------
 # the teacher-forced pass
 # --------------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ from rlx.models.logprobs import (
     CompletionScores,
     FusedLoss,
     _accepts,
+    decode_head,
+    head_logits_into,
+    keep_no_logits,
     prompt_groups,
     score_completions,
     shares_prompts,
@@ -320,6 +323,7 @@ class Policy:
         step_tokens: list[Tensor] = []
         step_logp: list[Tensor] = []
         weights: Tensor | None = None
+        buf: Tensor | None = None  # the decode steps' logits when `decode_head` allows it
         if cached:
             cache = DynamicCache(config=self.model.config)
             attn = prompt_mask.long()
@@ -328,25 +332,39 @@ class Policy:
             keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
             # a group's G rows read one prompt: it is prefilled once and its cache expanded (h12)
             groups = prompt_groups(prompt_ids, prompt_mask) if shares_prompts(self.model) else None
+            # the decode steps' logits into one reused buffer, not the model head's fresh [N, V] each
+            # step (`decode_head`); under autocast the model's own head keeps its bf16 matmul
+            head = decode_head(self.model) if self.autocast_dtype is None else None
+            no_logits = keep_no_logits(device)
         for step in range(max_new):
             if cached:
                 shared = step == 0 and groups is not None  # the prefill: the distinct prompts only
                 rows = groups.first if shared else slice(None)
+                own_head = head is not None and not shared
                 out = self.model(
                     input_ids=step_ids[rows],
                     attention_mask=attn[rows],
                     position_ids=position_ids[rows],
                     past_key_values=cache,
                     use_cache=True,
-                    **keep,
+                    **(no_logits if own_head else keep),
                 )
-                logits = out.logits[:, -1].float()
+                if own_head:
+                    assert head is not None
+                    logits = buf = head_logits_into(buf, out, head)
+                else:
+                    logits = out.logits[:, -1].float()
                 if shared:
                     groups.expand_cache(cache)
                     logits = groups.expand(logits)
             else:
                 logits = self.model(input_ids=ids).logits[:, -1].float()
-            z = logits / temperature if temperature != 1.0 else logits
+            if temperature == 1.0:
+                z = logits
+            elif logits is buf:  # our own buffer: scaled in place (argmax and the draw do not mind)
+                z = logits.div_(temperature)
+            else:
+                z = logits / temperature
             if filters:
                 lse = torch.logsumexp(z, dim=-1)
                 nxt = sample_categorical(torch.softmax(filters(ids, z.clone()), dim=-1))
