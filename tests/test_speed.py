@@ -330,6 +330,7 @@ def test_decode_steps_write_their_logits_into_one_buffer_with_the_same_draws(tem
     that repeat are prefilled once, through the model's own head)."""
     import rlx.models.policy as policy_module
 
+    monkeypatch.setattr(policy_module, "FRESH_MAPPING_BYTES", 0)  # at this size too (8 x 20000 floats)
     policy = qwen2_policy()
     n, v = 8, policy.vocab_size
     assert policy_module.decode_head(policy.model) is policy.model.lm_head
@@ -354,8 +355,13 @@ def test_decode_steps_write_their_logits_into_one_buffer_with_the_same_draws(tem
     positions.clear()
     policy.model.lm_head.register_forward_hook(lambda m, i, o: positions.append(o.shape[1]))
     monkeypatch.undo()
+    monkeypatch.setattr(policy_module, "FRESH_MAPPING_BYTES", 0)
     policy.generate(ungrouped, torch.ones_like(ungrouped), sampling)
     assert positions and all(p == 0 for p in positions)
+    monkeypatch.undo()  # 3 x 20000 floats, under glibc's mmap threshold: the model's own head
+    positions.clear()
+    policy.generate(ungrouped, torch.ones_like(ungrouped), sampling)
+    assert positions and all(p == 1 for p in positions)
 
 
 def test_a_model_whose_head_cannot_be_skipped_decodes_through_its_own_head():

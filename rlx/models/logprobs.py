@@ -648,7 +648,8 @@ def decode_head(model: Any) -> nn.Linear | None:
     ``slice_logits_to_keep``: keep no position) returns no logits and the hidden states. Then sampling
     writes each step's ``[N, V]`` logits into one buffer (`head_logits_into`) instead of the fresh
     tensor the model's head allocates every step: above glibc's 32 MB mmap threshold (N >= 56 at
-    V = 151936) every such allocation is a fresh mapping whose page faults cost as much as the matmul.
+    V = 151936) every such allocation is a fresh mapping whose page faults cost as much as the matmul
+    (`rlx.models.policy.FRESH_MAPPING_BYTES`).
     Checked once per model instance on a two-token input; a model that takes only an int fails it."""
     head = linear_head(model)
     if head is None or not _accepts(model, "logits_to_keep"):
