@@ -816,9 +816,9 @@ def score_packed(
     fused_loss: FusedLoss | None = None,
 ) -> CompletionScores:
     """``log pi`` of every next token of packed rows ``ids`` ``[n, w]`` (position ids restarting per
-    example, `rlx.data.encode.pack_rows`) where ``labels`` ``[n, w]`` marks a completion token: ``[n, w -
-    1]``, 0 at unlabelled positions. The fused head when `linear_head` accepts the model (with
-    ``fused_loss`` as in `score_completions`), else the model's logits, chunked."""
+    example, `rlx.data.encode.pack_rows`) where ``labels`` ``[n, w]`` marks a completion token:
+    ``[n, w - 1]``, 0 at unlabelled positions. The fused head when `linear_head` accepts the model
+    (with ``fused_loss`` as in `score_completions`), else the model's logits, chunked."""
     real = labels[:, 1:].bool()
     head = linear_head(model)
     if head is None:
