@@ -67,6 +67,18 @@ def compose_cfg(overrides: list[str] | tuple[str, ...] = ()):
 
 
 @pytest.fixture
+def fused_head_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per call of `linear_loss_grads` (the fused head with the loss's gradient formed in its
+    forward), which still runs: which scoring path a test took."""
+    import rlx.models.logprobs as logprobs
+
+    calls: list[int] = []
+    real = logprobs.linear_loss_grads
+    monkeypatch.setattr(logprobs, "linear_loss_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.fixture
 def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Offline as a process started with HF_HUB_OFFLINE=1 is: huggingface_hub and datasets read the
     variable at import, so setting only the variable in a test would take the online path (retries

@@ -39,14 +39,9 @@ def nll_by_hand(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 1])
-def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size, monkeypatch):
+def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size, fused_head_calls):
     """On the fused head with the NLL's gradient formed in its forward (`FusedLoss`; the NLL is
     token-local), checked against autograd through the model's own logits."""
-    import rlx.models.logprobs as logprobs
-
-    fused_calls = []
-    real = logprobs.linear_loss_grads
-    monkeypatch.setattr(logprobs, "linear_loss_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     policy = tiny_policy()
     by_hand = copy.deepcopy(policy.model)
     loss = PREFERENCE_LOSSES.resolve({"name": "sft_nll"}, where="algo.loss")
@@ -78,19 +73,15 @@ def test_one_sft_step_is_the_clipped_gradient_step_by_hand(micro_batch_size, mon
     for (name, new), old in zip(policy.model.named_parameters(), by_hand.parameters()):
         assert torch.allclose(new, old - 0.1 * scale * old.grad, atol=1e-6), name
     assert not policy.model.training  # back in eval mode after the step
-    assert len(fused_calls) == (2 if micro_batch_size == 1 else 1)
+    assert len(fused_head_calls) == (2 if micro_batch_size == 1 else 1)
 
 
-def test_one_packed_sft_step_is_the_gradient_step_by_hand(monkeypatch):
+def test_one_packed_sft_step_is_the_gradient_step_by_hand(fused_head_calls):
     """Packed rows (`pack_rows`: both examples in one row, positions restarting) through the fused head
     with the NLL's gradient formed in its forward, against autograd through the model's own logits of
     the packed row."""
-    import rlx.models.logprobs as logprobs
     from rlx.data.encode import pack_rows
 
-    fused_calls = []
-    real = logprobs.linear_loss_grads
-    monkeypatch.setattr(logprobs, "linear_loss_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     policy = tiny_policy()
     by_hand = copy.deepcopy(policy.model)
     loss = PREFERENCE_LOSSES.resolve({"name": "sft_nll"}, where="algo.loss")
@@ -108,7 +99,7 @@ def test_one_packed_sft_step_is_the_gradient_step_by_hand(monkeypatch):
     assert metrics["loss/sft"] == pytest.approx(expected.item(), rel=1e-5)
     for (name, new), old in zip(policy.model.named_parameters(), by_hand.parameters()):
         assert torch.allclose(new, old - 0.1 * old.grad, atol=1e-6), name
-    assert fused_calls == [1]
+    assert fused_head_calls == [1]
 
 
 def test_a_dpo_step_starts_at_log2_and_moves_the_policy_not_the_reference():

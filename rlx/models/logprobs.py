@@ -532,9 +532,7 @@ def linear_loss_grads(
     entropy = hidden.new_empty(m if with_entropy else 0, dtype=acc)
     g_hidden = torch.empty_like(h_all) if hidden.requires_grad else None
     g_weight = torch.zeros_like(w, dtype=acc) if weight.requires_grad else None
-    g_bias = (
-        torch.zeros_like(b, dtype=acc) if b is not None and bias is not None and bias.requires_grad else None
-    )
+    g_bias = torch.zeros_like(bias.detach(), dtype=acc) if bias is not None and bias.requires_grad else None
     buf = hidden.new_empty(min(chunk, m), w.shape[0], dtype=acc)
     spare = torch.empty_like(buf)
     third = torch.empty_like(buf) if entropy_grad else None

@@ -345,7 +345,7 @@ class Policy:
             vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
             big = device.type == "cpu" and n * vocab * 4 > FRESH_MAPPING_BYTES
             head = decode_head(self.model) if big and self.autocast_dtype is None else None
-            no_logits = keep_no_logits(device)
+            no_logits = keep_no_logits(device) if head is not None else {}
         for step in range(max_new):
             if cached:
                 shared = step == 0 and groups is not None  # the prefill: the distinct prompts only
