@@ -68,6 +68,7 @@ def test_each_offline_algo_trains_a_few_steps(algo, tmp_path, sort_data, initial
     train_rows = [r for r in logged if "loss/total" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     step_keys, eval_keys = EXPECTED[algo]
+    step_keys = {*step_keys, "time/update_s", "memory/peak_rss_gb"}
     assert step_keys <= set(train_rows[0]), step_keys - set(train_rows[0])
     assert eval_keys <= set(summary), eval_keys - set(summary)
     assert all(math.isfinite(v) for r in logged for v in r.values())

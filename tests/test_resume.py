@@ -35,7 +35,7 @@ RUN = [
     "task.eval_size=16",
     "trainer.device=cpu",
 ]
-VOLATILE = ("time", "throughput")  # wall-clock figures differ between any two runs
+VOLATILE = ("time", "throughput", "memory")  # wall-clock and memory figures differ between any two runs
 
 
 def metrics(run_dir: Path) -> list[dict[str, float]]:

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from rlx.errors import NonFiniteError
+from rlx.runtime import peak_rss_bytes
 from rlx.train import build, train
 from tests.conftest import TINY, TINY_RUN, compose_cfg
 
@@ -78,7 +79,13 @@ def test_algo_preset_trains_and_logs(algo, tmp_path, mlflow_store, initial_weigh
 
 
 def test_logger_none_still_writes_metrics(tmp_path):
+    before = peak_rss_bytes() / 2**30
     summary = train(compose_cfg([*TINY, "logger=none"]), run_dir=tmp_path)
+    after = peak_rss_bytes() / 2**30
+    # every step logs this process's peak resident set so far, in GiB: between the peak before the run
+    # and the peak after it, never falling (KiB or bytes taken for GiB would miss the bounds by 2**10)
+    peaks = [r["memory/peak_rss_gb"] for r in rows(tmp_path) if "reward/mean" in r]
+    assert before <= peaks[0] <= peaks[-1] <= after and 0.05 < after < 64, (before, peaks, after)
     assert summary["mlflow_run_id"] is None
     assert len([r for r in rows(tmp_path) if "reward/mean" in r]) == 2
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000

@@ -46,6 +46,7 @@ from rlx.losses.preference import PREFERENCE_LOSSES
 from rlx.models import context_length
 from rlx.registry import Resolved
 from rlx.rewards import REWARDS
+from rlx.runtime import memory_metrics
 from rlx.settings import read_settings
 from rlx.tracking import LiveProgress, Tracker, console
 
@@ -359,6 +360,7 @@ class OfflineTrainer:
                 self.step += 1
                 if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                     metrics.update(self.evaluate())
+                metrics.update(memory_metrics(self.device))
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(self.step, metrics)
                 self.ctx.step_done(self)

@@ -50,6 +50,7 @@ from rlx.models.value import ActorCriticPolicy, build_critic
 from rlx.rewards import score_completions
 from rlx.rollout import Rollout, sample_groups
 from rlx.rollout.engines import RolloutEngine, build_engine
+from rlx.runtime import memory_metrics
 from rlx.tracking import LiveProgress
 
 
@@ -419,6 +420,7 @@ class OnlineTrainer:
                 self.step += 1
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     metrics.update(self.evaluate())
+                metrics.update(memory_metrics(self.plan.device))
                 self.tracker.log_metrics(metrics, step=self.step)
                 bar.update(self.step, metrics)
                 self.ctx.step_done(self)
