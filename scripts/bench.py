@@ -1,6 +1,7 @@
 """rlx against TRL's GRPOTrainer, side by side, on identical work (issue 12). `make bench` runs it.
 
     python scripts/bench.py [--rows toy,real_vocab] [--reps 3] [--reps-real N] [--out outputs/bench]
+    python scripts/bench.py --device cuda --rows real_vocab,real_vocab_x4,large --reps 2
 
 Rows (the same model config, prompts, sampling settings and batch for both; beta 0, one optimizer
 step per batch, AdamW with torch's fused kernel (both defaults: rlx's conf/train.yaml, transformers'
@@ -10,6 +11,15 @@ step per batch, AdamW with torch's fused kernel (both defaults: rlx's conf/train
 - ``real_vocab``: a Qwen2 architecture built from a config (vocab 151936, hidden 128, 2 layers, tied
   embeddings), 8 prompts x 4, 32-token prompts, 64 new tokens, a cheap length reward.
 - ``real_vocab_x4`` (scaling; not in the default set): 16 prompts x 4, 128 new tokens.
+- ``large`` (``--device cuda`` only): Qwen2.5-0.5B's shape built from a config (494 M parameters, vocab
+  151936, 24 layers x 896, tied), 16 prompts x 8, 32-token prompts, 128 new tokens.
+
+``--device cuda`` runs both on the GPU with bf16 autocast over float32 weights (rlx
+``trainer.precision=bf16``, TRL ``bf16=True``) and reports, beside seconds per step, completion tokens
+per second, the peak of torch's allocator (rlx: the largest ``memory/cuda_max_allocated_gb`` of its
+metrics; TRL: ``torch.cuda.max_memory_allocated()`` after training) and MFU against the GPU's data-sheet
+bf16 peak (``GPU_BF16_TFLOPS``, or ``--peak-tflops``). Written for the issue's GPU check and not yet run
+on a GPU (none was lent while it was written).
 
 Each measurement is one fresh process (``rlx train`` through its console script; TRL's GRPOTrainer
 in a small driver), run one at a time, the frameworks interleaved (rlx, TRL, rlx, TRL, ...) and
@@ -49,9 +59,24 @@ from bench_rewards import length_reward, sort_reward_text
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 151936
 
+# The Qwen2 shapes the rows build (random init, vocabulary VOCAB, tied embeddings). "large" is
+# Qwen2.5-0.5B's shape (494 M parameters): the issue's "few hundred million" model, for a GPU.
+QWEN2 = {
+    "real_vocab": {"hidden": 128, "inter": 512, "layers": 2, "heads": 4, "kv_heads": 2},
+    "large": {"hidden": 896, "inter": 4864, "layers": 24, "heads": 14, "kv_heads": 2},
+}
+
 ROWS = {
-    "toy": {"prompts": 32, "group": 8, "new_tokens": 4, "steps": 12, "warmup": 2},
-    "real_vocab": {"prompts": 8, "group": 4, "new_tokens": 64, "prompt_len": 32, "steps": 4, "warmup": 1},
+    "toy": {"prompts": 32, "group": 8, "new_tokens": 4, "steps": 12, "warmup": 2, "model": "toy"},
+    "real_vocab": {
+        "prompts": 8,
+        "group": 4,
+        "new_tokens": 64,
+        "prompt_len": 32,
+        "steps": 4,
+        "warmup": 1,
+        "model": "real_vocab",
+    },
     "real_vocab_x4": {
         "prompts": 16,
         "group": 4,
@@ -59,8 +84,22 @@ ROWS = {
         "prompt_len": 32,
         "steps": 3,
         "warmup": 1,
+        "model": "real_vocab",
+    },
+    "large": {  # --device cuda only
+        "prompts": 16,
+        "group": 8,
+        "new_tokens": 128,
+        "prompt_len": 32,
+        "steps": 4,
+        "warmup": 1,
+        "model": "large",
     },
 }
+
+# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' data sheets) for the update's MFU on a GPU;
+# --peak-tflops gives any other. The first name that occurs in torch.cuda.get_device_name() wins.
+GPU_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,13 +131,15 @@ def build_toy(root: Path) -> dict:
     return info
 
 
-def build_real_vocab(root: Path, prompt_len: int) -> dict:
+def build_qwen2(root: Path, name: str, prompt_len: int) -> dict:
+    """A random-init Qwen2 of shape ``QWEN2[name]`` with a VOCAB-entry tokenizer, and its prompts."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    d = root / "real_vocab"
+    d = root / name
+    shape = QWEN2[name]
     if (d / "ready").exists():
         return json.loads((d / "ready").read_text())
     # A byte-level BPE with VOCAB entries (what AutoTokenizer loads as Qwen2's tokenizer): the two
@@ -119,11 +160,11 @@ def build_real_vocab(root: Path, prompt_len: int) -> dict:
     )
     cfg = Qwen2Config(
         vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["inter"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         eos_token_id=1,
@@ -132,6 +173,9 @@ def build_real_vocab(root: Path, prompt_len: int) -> dict:
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # the tied head counted once
+    expected = qwen2_body_params(name) + VOCAB * shape["hidden"]
+    assert matrices == expected, f"update_flops' parameter count {expected} != the model's {matrices}"
     model.save_pretrained(str(d / "model"))
     tokenizer.save_pretrained(str(d / "model"))
     rng = random.Random(0)
@@ -147,7 +191,9 @@ def build_real_vocab(root: Path, prompt_len: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # one process each
 # --------------------------------------------------------------------------------------------------
-def rlx_command(row: str, spec: dict, root: Path, run_dir: Path, threads: int) -> list[str]:
+def rlx_command(row: str, spec: dict, root: Path, run_dir: Path, threads: int, device: str) -> list[str]:
+    # On a GPU: bf16 autocast over float32 master weights, as TRL's bf16=True
+    precision = ["trainer.precision=bf16"] if device == "cuda" else []
     common = [
         "algo=grpo",
         "kl=none",
@@ -162,7 +208,8 @@ def rlx_command(row: str, spec: dict, root: Path, run_dir: Path, threads: int) -
         "trainer.lr=1e-4",
         "trainer.lr_schedule=constant",
         f"trainer.threads={threads}",
-        "trainer.device=cpu",
+        f"trainer.device={device}",
+        *precision,
         "rollout.temperature=1.0",
         f"rollout.max_new_tokens={spec['new_tokens']}",
         f"hydra.run.dir={run_dir}",
@@ -179,7 +226,7 @@ def rlx_command(row: str, spec: dict, root: Path, run_dir: Path, threads: int) -
             "reward=sort",
         ]
     else:
-        d = root / "real_vocab"
+        d = root / spec["model"]
         model = [
             "model=hf",
             f"model.name_or_path={d / 'model'}",
@@ -196,8 +243,8 @@ def rlx_command(row: str, spec: dict, root: Path, run_dir: Path, threads: int) -
 
 
 def trl_main(argv: list[str]) -> None:
-    """The TRL side, run as ``bench.py trl ROW ROOT OUT_JSON THREADS``."""
-    row, root, out, threads = argv[0], Path(argv[1]), Path(argv[2]), int(argv[3])
+    """The TRL side, run as ``bench.py trl ROW ROOT OUT_JSON THREADS DEVICE``."""
+    row, root, out, threads, device = argv[0], Path(argv[1]), Path(argv[2]), int(argv[3]), argv[4]
     import torch
 
     torch.set_num_threads(threads)
@@ -206,7 +253,7 @@ def trl_main(argv: list[str]) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     spec = ROWS[row]
-    d = root / ("toy" if row == "toy" else "real_vocab")
+    d = root / spec["model"]
     model = AutoModelForCausalLM.from_pretrained(str(d / "model"))
     tokenizer = AutoTokenizer.from_pretrained(str(d / "model"))
     tokenizer.padding_side = "left"
@@ -231,8 +278,8 @@ def trl_main(argv: list[str]) -> None:
         save_strategy="no",
         eval_strategy="no",
         report_to=[],
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",  # autocast over the float32 weights, as rlx's trainer.precision=bf16
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -261,7 +308,10 @@ def trl_main(argv: list[str]) -> None:
     )
     trainer.train()
     steps = [b - a for a, b in itertools.pairwise(times)]
-    out.write_text(json.dumps({"step_s": steps}))
+    result: dict = {"step_s": steps}
+    if device == "cuda":  # the whole run's peak of torch's allocator (rlx: the max of its per-step peaks)
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out.write_text(json.dumps(result))
 
 
 def run_one(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
@@ -274,7 +324,7 @@ def run_one(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024.0
 
 
-def measure(framework: str, row: str, root: Path, out: Path, rep: int, threads: int) -> dict:
+def measure(framework: str, row: str, root: Path, out: Path, rep: int, threads: int, device: str) -> dict:
     spec = ROWS[row]
     env = {
         **os.environ,
@@ -290,20 +340,17 @@ def measure(framework: str, row: str, root: Path, out: Path, rep: int, threads: 
     log = out / "logs" / f"{tag}.log"
     if framework == "rlx":
         run_dir = out / "runs" / tag
-        cmd = rlx_command(row, spec, root, run_dir, threads)
+        cmd = rlx_command(row, spec, root, run_dir, threads, device)
         code, wall, rss = run_one(cmd, env, log)
-        steps = []
         metrics = run_dir / "metrics.jsonl"
-        if metrics.exists():
-            for line in metrics.read_text().splitlines():
-                m = json.loads(line)
-                if "time/rollout_s" in m:
-                    steps.append(m["time/rollout_s"] + m["time/update_s"])
-        update = [
-            json.loads(line)["time/update_s"]
-            for line in (metrics.read_text().splitlines() if metrics.exists() else [])
-            if "time/update_s" in json.loads(line)
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        iterations = [m for m in logged if "time/rollout_s" in m]
+        steps = [m["time/rollout_s"] + m["time/update_s"] for m in iterations]
+        update = [m["time/update_s"] for m in iterations]
+        gpu = [
+            m["memory/cuda_max_allocated_gb"] * 1024 for m in logged if "memory/cuda_max_allocated_gb" in m
         ]
+        gpu_mb = max(gpu) if gpu else None
     else:
         result = out / "runs" / f"{tag}.json"
         result.parent.mkdir(parents=True, exist_ok=True)
@@ -315,29 +362,48 @@ def measure(framework: str, row: str, root: Path, out: Path, rep: int, threads: 
             str(root),
             str(result),
             str(threads),
+            device,
         ]
         code, wall, rss = run_one(cmd, env, log)
-        steps = json.loads(result.read_text())["step_s"] if result.exists() else []
-        update = []
+        got = json.loads(result.read_text()) if result.exists() else {}
+        steps, update, gpu_mb = got.get("step_s", []), [], got.get("cuda_max_allocated_mb")
     steady = steps[spec["warmup"] :]
+    gpu_note = f", peak GPU {gpu_mb:.0f} MB" if gpu_mb is not None else ""
     print(
-        f"  {tag}: exit {code}, wall {wall:.1f} s, peak RSS {rss:.0f} MB, "
+        f"  {tag}: exit {code}, wall {wall:.1f} s, peak RSS {rss:.0f} MB{gpu_note}, "
         f"steady s/step {[round(s, 3) for s in steady]}",
         flush=True,
     )
     return {
-        "ok": code == 0 and bool(steady),
+        "ok": code == 0 and bool(steady) and (device == "cpu" or gpu_mb is not None),
         "steps": steady,
-        "peak_mb": rss,
+        # the memory compared: resident memory on a CPU, torch's allocator peak on a GPU
+        "peak_mb": rss if device == "cpu" else gpu_mb,
+        "peak_rss_mb": rss,
         "update_s": update[spec["warmup"] :],
     }
 
 
-def matmul_gflops(threads: int) -> float:
-    """The machine's fp32 matmul throughput on ``threads`` threads (best of a few 512^3 products)."""
+def matmul_gflops(threads: int, device: str = "cpu") -> float:
+    """The machine's measured matmul throughput: fp32 on ``threads`` CPU threads (best of 20 512^3
+    products), or bf16 on the GPU (best of 20 8192^3 products, timed with CUDA events)."""
     import torch
 
     torch.set_num_threads(threads)
+    if device == "cuda":
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return 2 * 8192**3 / best / 1e9
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     best = float("inf")
     for _ in range(20):
@@ -345,6 +411,22 @@ def matmul_gflops(threads: int) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * 512**3 / best / 1e9
+
+
+def gpu_peak_tflops() -> tuple[str, float | None]:
+    """(the GPU's name, its data-sheet dense bf16 TFLOP/s from GPU_BF16_TFLOPS, or None)."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return name, next((v for k, v in GPU_BF16_TFLOPS.items() if k in name), None)
+
+
+def qwen2_body_params(name: str) -> int:
+    """The weights of a Qwen2 shape's layers, the head aside: q and o h x h, k and v h x (kv heads x
+    head dim), a gated MLP of three h x inter matrices."""
+    a = QWEN2[name]
+    h, kv = a["hidden"], a["kv_heads"] * (a["hidden"] // a["heads"])
+    return a["layers"] * (2 * h * h + 2 * h * kv + 3 * h * a["inter"])
 
 
 def update_flops(row: str) -> float:
@@ -357,30 +439,78 @@ def update_flops(row: str) -> float:
     if row == "toy":  # GPT-2: q, k, v, o and a 4h MLP of two matrices
         h, layers, vocab, p = 64, 2, 14, 6
         body = layers * (4 * h * h + 2 * h * 4 * h)
-    else:  # Qwen2: q and o h x h, k and v h x h/2 (2 of 4 heads), a 4h gated MLP of three matrices
-        h, layers, vocab, p = 128, 2, VOCAB, spec["prompt_len"]
-        body = layers * (2 * h * h + 2 * h * (h // 2) + 3 * h * 4 * h)
+    else:
+        h, vocab, p = QWEN2[spec["model"]]["hidden"], VOCAB, spec["prompt_len"]
+        body = qwen2_body_params(spec["model"])
     t = spec["new_tokens"]
     return 6.0 * (body * (spec["prompts"] * p + n * t) + n * vocab * h * (t + 1))
+
+
+def n_tokens(row: str) -> int:
+    """Completion tokens of one step at max length."""
+    spec = ROWS[row]
+    return spec["prompts"] * spec["group"] * spec["new_tokens"]
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def gpu_table(results: dict, reps: int) -> list[str]:
+    """results.md on a GPU: speed, completion tokens per second, torch's allocator peak, and MFU (the
+    update's model FLOPs, `update_flops`, over the data-sheet bf16 peak): of the update alone (rlx
+    times it), and of the whole step (sampling included) for both."""
+    lines = [
+        f"rlx vs TRL GRPOTrainer on {results['device']}, bf16 autocast over float32 weights "
+        f"({results['date']}, {reps} rep(s), medians; MFU against {results['gpu_bf16_tflops']} TFLOP/s)",
+        "",
+        "| row | rlx s/step (min) | TRL s/step (min) | rlx / TRL steps/s | tokens/s rlx / TRL "
+        "| peak GPU MB rlx / TRL | rlx / TRL memory | rlx update MFU | step MFU rlx / TRL |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in results["rows"]:
+        lines.append(
+            f"| {e['name']} | {fmt(e.get('rlx_s_per_step'))} ({fmt(e.get('rlx_s_per_step_min'))}) "
+            f"| {fmt(e.get('trl_s_per_step'))} ({fmt(e.get('trl_s_per_step_min'))}) "
+            f"| {ratio(e.get('speedup_vs_trl'))} "
+            f"| {fmt(e.get('rlx_tokens_per_s'), '.0f')} / {fmt(e.get('trl_tokens_per_s'), '.0f')} "
+            f"| {fmt(e.get('rlx_peak_mb'), '.0f')} / {fmt(e.get('trl_peak_mb'), '.0f')} "
+            f"| {fmt(e.get('memory_ratio_vs_trl'), '.2f')} | {fmt(e.get('rlx_update_mfu'), '.1%')} "
+            f"| {fmt(e.get('rlx_step_mfu'), '.1%')} / {fmt(e.get('trl_step_mfu'), '.1%')} |"
+        )
+    return lines
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "trl":
         trl_main(sys.argv[2:])
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "prepare":
-        rows, root, threads = sys.argv[2].split(","), Path(sys.argv[3]), int(sys.argv[4])
-        if "toy" in rows:
-            build_toy(root)
-        if any(r.startswith("real_vocab") for r in rows):
-            build_real_vocab(root, ROWS["real_vocab"]["prompt_len"])
-        print(matmul_gflops(threads))
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare":  # bench.py prepare ROWS ROOT THREADS DEVICE
+        rows, root, threads, device = sys.argv[2].split(","), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+        for row in rows:
+            spec = ROWS[row]
+            if spec["model"] == "toy":
+                build_toy(root)
+            else:
+                build_qwen2(root, spec["model"], spec["prompt_len"])
+        peaks = {"matmul_gflops": matmul_gflops(threads, device)}
+        if device == "cuda":
+            peaks["gpu"], peaks["gpu_bf16_tflops"] = gpu_peak_tflops()
+        print(json.dumps(peaks))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="toy,real_vocab")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--reps-real", type=int, default=None, help="repetitions of the real_vocab rows (--reps)")
+    ap.add_argument(
+        "--reps-real", type=int, default=None, help="repetitions of the other rows than toy (--reps)"
+    )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 on both sides")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--out", default="outputs/bench")
     ap.add_argument("--frameworks", default="rlx,trl")
     args = ap.parse_args()
@@ -392,27 +522,44 @@ def main() -> None:
     for row in rows:
         if row not in ROWS:
             raise SystemExit(f"bench: unknown row {row!r}; choose from {', '.join(ROWS)}")
+        if ROWS[row]["model"] == "large" and args.device != "cuda":
+            raise SystemExit(f"bench: row {row!r} (a 494 M parameter model) is for a GPU: add --device cuda")
     # The models, data and the matmul peak come from a child process: this one stays free of torch, so
     # the children's peak RSS (which Linux carries over from the parent at fork) is their own.
     prep = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "prepare", ",".join(rows), str(root), str(args.threads)],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "prepare",
+            ",".join(rows),
+            str(root),
+            str(args.threads),
+            args.device,
+        ],
         check=True,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
     )
-    peak = float(prep.stdout.strip().splitlines()[-1])
-    print(f"fp32 matmul peak here: {peak:.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
+    peaks = json.loads(prep.stdout.strip().splitlines()[-1])
+    peak = peaks["matmul_gflops"]
+    gpu_peak = args.peak_tflops or peaks.get("gpu_bf16_tflops")  # TFLOP/s, dense bf16
+    if args.device == "cuda":
+        print(f"{peaks['gpu']}: bf16 matmul measured {peak / 1e3:.0f} TFLOP/s, data sheet {gpu_peak} TFLOP/s")
+    else:
+        print(f"fp32 matmul peak here: {peak:.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
     raw: dict[str, dict[str, list[dict]]] = {r: {f: [] for f in frameworks} for r in rows}
     for rep in range(args.reps):  # interleaved: every row and framework once per repetition
         for row in rows:
-            if row.startswith("real_vocab") and args.reps_real is not None and rep >= args.reps_real:
+            if row != "toy" and args.reps_real is not None and rep >= args.reps_real:
                 continue
             for fw in frameworks:
-                raw[row][fw].append(measure(fw, row, root, out, rep, args.threads))
+                raw[row][fw].append(measure(fw, row, root, out, rep, args.threads, args.device))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads}
+    results["device"] = peaks.get("gpu", "cpu")
     results["load_avg"] = list(os.getloadavg())
     results["matmul_gflops"] = peak
+    results["gpu_bf16_tflops"] = gpu_peak
     results["rows"] = []
     for row in rows:
         entry: dict = {"name": row, **{k: v for k, v in ROWS[row].items() if k not in ("warmup",)}}
@@ -423,6 +570,14 @@ def main() -> None:
             entry[f"{fw}_s_per_step"] = statistics.median(per_run) if per_run else None
             entry[f"{fw}_s_per_step_min"] = min(min(m["steps"]) for m in good) if good else None
             entry[f"{fw}_peak_mb"] = statistics.median(m["peak_mb"] for m in good) if good else None
+            entry[f"{fw}_peak_rss_mb"] = statistics.median(m["peak_rss_mb"] for m in good) if good else None
+            if args.device == "cuda" and per_run:
+                # completion tokens at max length: the random-init models almost never sample EOS early
+                entry[f"{fw}_tokens_per_s"] = n_tokens(row) / entry[f"{fw}_s_per_step"]
+                if gpu_peak:  # the update's model FLOPs over the whole step's wall time
+                    entry[f"{fw}_step_mfu"] = (
+                        update_flops(row) / entry[f"{fw}_s_per_step"] / (gpu_peak * 1e12)
+                    )
         if entry.get("rlx_s_per_step") and entry.get("trl_s_per_step"):
             entry["speedup_vs_trl"] = entry["trl_s_per_step"] / entry["rlx_s_per_step"]
             entry["memory_ratio_vs_trl"] = entry["rlx_peak_mb"] / entry["trl_peak_mb"]
@@ -431,8 +586,15 @@ def main() -> None:
             gflops = update_flops(row) / statistics.median(updates) / 1e9
             entry["rlx_update_gflops"] = gflops
             entry["rlx_update_share_of_matmul_peak"] = gflops / peak
+            if args.device == "cuda" and gpu_peak:
+                entry["rlx_update_mfu"] = gflops / (gpu_peak * 1e3)
         results["rows"].append(entry)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.device == "cuda":
+        lines = gpu_table(results, args.reps)
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     lines = [
         f"rlx vs TRL GRPOTrainer ({results['date']}, {args.threads} thread(s), "
         f"load {results['load_avg'][0]:.1f}, {args.reps} rep(s), medians)",
@@ -442,14 +604,12 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def f(x, fmt=".3f"):
-        return "n/a" if x is None else format(x, fmt)
-
+    f = fmt
     for e in results["rows"]:
         lines.append(
             f"| {e['name']} | {f(e.get('rlx_s_per_step'))} ({f(e.get('rlx_s_per_step_min'))}) "
             f"| {f(e.get('trl_s_per_step'))} ({f(e.get('trl_s_per_step_min'))}) "
-            f"| {f(e.get('speedup_vs_trl'), '.2f')}x | {f(e.get('rlx_peak_mb'), '.0f')} "
+            f"| {ratio(e.get('speedup_vs_trl'))} | {f(e.get('rlx_peak_mb'), '.0f')} "
             f"| {f(e.get('trl_peak_mb'), '.0f')} | {f(e.get('memory_ratio_vs_trl'), '.2f')} "
             f"| {f(e.get('rlx_update_share_of_matmul_peak'), '.0%')} |"
         )
