@@ -182,3 +182,40 @@ def test_only_declared_pieces_take_the_fused_head(policy):
         return -advantages * logp, {}
 
     assert not learner_for(policy, Resolved(Entry("my_pg", my_pg), {}, {})).fuses_loss
+
+
+@pytest.mark.parametrize("loss", ["clipped", "pg"])
+def test_the_update_reads_its_figures_from_the_device_once_per_minibatch(policy, loss):
+    """h12: a micro-batch's figures (losses, entropy, clip_frac, kl/old, the early stop's KL) leave the
+    device in one transfer, not one `.item()` each (on a GPU every `.item()` is a host sync). Counted:
+    the scalar reads (`aten._local_scalar_dense`, what `.item()` and `float()` of a tensor run) made by
+    the update's own code, the same for one micro-batch as for four: the minibatch's token count only."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ours = [f.filename for f in traceback.extract_stack() if "/rlx/" in f.filename]
+                self.count += ours[-1].endswith("rlx/loops/update.py")  # the innermost rlx code
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for micro in (None, 1):
+        learner = learner_for(
+            copy.deepcopy(policy),
+            POLICY_LOSSES.resolve({"name": loss}, where="loss"),
+            micro=micro,
+            entropy_coef=0.01,
+            early_stop_kl=10.0,
+        )
+        with ScalarReads() as reads:
+            metrics = sgd_update(learner, fixed_batch(learner.policy), step=0, kl_coef=0.0)
+        assert {"loss/total", "entropy", "kl/old"} <= metrics.keys()
+        counts.append(reads.count)
+    assert counts == [1, 1], counts

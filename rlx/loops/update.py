@@ -199,7 +199,10 @@ def minibatch_gradients(
         # the value of the loss is computed on the log-probs either way; on the fused head they carry
         # no gradient and the zero `head_grad` carries it
         total = terms.total if scores.head_grad is None else terms.total.detach() + scores.head_grad
-        what = f"loss (policy loss {policy_loss.item()})"
+        # The micro-batch's figures: sums over micro-batches (the losses, already divided by the global
+        # counts) and means weighted by the rows' share (the entropy and the losses' own metrics)
+        sums = {"loss/total": total, "loss/policy": policy_loss}
+        shares = dict(loss_metrics)
         if values is not None:
             assert batch.values is not None and batch.returns is not None
             value_tokens, value_metrics = clipped_value_loss(
@@ -207,33 +210,51 @@ def minibatch_gradients(
             )
             value_loss = token_mean(value_tokens, mask, num_tokens, num_seqs)
             total = total + algo.vf_coef * value_loss
-            what = f"loss (policy loss {policy_loss.item()}, value loss {value_loss.item()})"
-            loss_metrics = {**loss_metrics, **value_metrics}
+            sums["loss/total"], sums["loss/value"] = total, value_loss
+            shares.update(value_metrics)
         if terms.kl is not None:
-            m["loss/kl"] += terms.kl.item()
+            sums["loss/kl"] = terms.kl
+        if entropy is not None:
+            shares["entropy"] = masked_mean(entropy.detach(), mask)
+        kl_old: dict[str, Tensor] = {}
+        if algo.early_stop_kl is not None:
+            log_ratio = (logp - ro.old_logp[idx]).detach()
+            kl_old["kl_old_sum"] = masked_sum(torch.expm1(log_ratio) - log_ratio, mask)
+        # h12: all of them read from the device in one transfer, where one `.item()` each was a host
+        # sync each on a GPU; before the backward, which a non-finite loss skips
+        read = host_floats({**sums, **shares, **kl_old})
         everywhere = finite_everywhere(total, learner.policy.model)  # fsdp2: the ranks agree first
-        if not math.isfinite(total.item()):
-            bad = (total.item(), what)
+        if not math.isfinite(read["loss/total"]):
+            losses = [f"policy loss {read['loss/policy']}"]
+            if values is not None:
+                losses.append(f"value loss {read['loss/value']}")
+            bad = (read["loss/total"], f"loss ({', '.join(losses)})")
             break
         if not everywhere:  # another rank's loss is not finite: stop here too (agreed below)
             break
         total.backward()
-        m["loss/total"] += total.item()
-        m["loss/policy"] += policy_loss.item()
-        if values is not None:
-            m["loss/value"] += value_loss.item()
-        if entropy is not None:
-            m["entropy"] += share * masked_mean(entropy.detach(), mask).item()
-        for k, v in loss_metrics.items():
-            m[k] += share * float(v)
-        if algo.early_stop_kl is not None:
-            log_ratio = (logp - ro.old_logp[idx]).detach()
-            kl_old_sum += masked_sum(torch.expm1(log_ratio) - log_ratio, mask).item()
+        kl_old_sum += read.get("kl_old_sum", 0.0)
+        for k in sums:
+            m[k] += read[k]
+        for k in shares:
+            m[k] += share * read[k]
     if not learner.guard.agreed_ok(bad, "loss", step):
         return None, 0.0
     # h11: the metrics are shares of the global minibatch: their sum over ranks is its value
     m = defaultdict(float, all_reduce_dict(m, keys=union_keys(m)))
     return m, all_reduce_sum(kl_old_sum) / max(num_tokens, 1.0)
+
+
+def host_floats(figures: dict[str, Tensor | float]) -> dict[str, float]:
+    """Scalar tensors (and floats) as Python floats, copied from their device in one transfer."""
+    tensors = [v for v in figures.values() if isinstance(v, Tensor)]
+    if not tensors:
+        return {k: float(v) for k, v in figures.items()}
+    device = tensors[0].device
+    stacked = torch.stack(
+        [torch.as_tensor(v, device=device).detach().reshape(()).double() for v in figures.values()]
+    )
+    return dict(zip(figures, stacked.tolist(), strict=True))
 
 
 @dataclass
@@ -398,12 +419,13 @@ def fit_critic(learner: Learner, batch: Batch, *, step: int) -> dict[str, float]
                     clip_range=algo.cliprange_value,
                 )
                 loss = token_mean(value_tokens, mask, num_tokens, num_seqs)
-                if not math.isfinite(loss.item()):
-                    bad = (loss.item(), f"value loss {loss.item()}")
+                read = host_floats({"loss": loss, "clip_frac": vm["value/clip_frac"]})  # one transfer
+                if not math.isfinite(read["loss"]):
+                    bad = (read["loss"], f"value loss {read['loss']}")
                     break
                 loss.backward()
-                loss_sum += loss.item()
-                clip_frac += len(idx) / num_seqs * float(vm["value/clip_frac"])
+                loss_sum += read["loss"]
+                clip_frac += len(idx) / num_seqs * read["clip_frac"]
             if learner.guard.agreed_ok(bad, "value loss", step):
                 loss_sum, clip_frac = all_reduce_sum(loss_sum), all_reduce_sum(clip_frac)
                 norm = optimizer_step(
