@@ -246,15 +246,15 @@ def minibatch_gradients(
 
 
 def host_floats(figures: dict[str, Tensor | float]) -> dict[str, float]:
-    """Scalar tensors (and floats) as Python floats, copied from their device in one transfer."""
-    tensors = [v for v in figures.values() if isinstance(v, Tensor)]
-    if not tensors:
-        return {k: float(v) for k, v in figures.items()}
-    device = tensors[0].device
-    stacked = torch.stack(
-        [torch.as_tensor(v, device=device).detach().reshape(()).double() for v in figures.values()]
-    )
-    return dict(zip(figures, stacked.tolist(), strict=True))
+    """Scalar tensors as Python floats, copied from their device in one transfer (float64 on the way,
+    so each is the value ``.item()`` gives); Python numbers as they are."""
+    tensors: dict[str, Tensor] = {k: v for k, v in figures.items() if isinstance(v, Tensor)}
+    out = {k: float(v) for k, v in figures.items() if not isinstance(v, Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors.values()])
+        out.update(zip(tensors, stacked.tolist(), strict=True))
+    return out
 
 
 @dataclass
