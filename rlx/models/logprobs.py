@@ -156,7 +156,7 @@ def _cache_is_plain(model: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     config = getattr(model, "config", None)
-    if config is None or not _accepts(model, "past_key_values") or not _accepts(model, "logits_to_keep"):
+    if config is None or cache_keyword(model) is None or not _accepts(model, "logits_to_keep"):
         return False
     if not bool(getattr(model, "can_generate", lambda: False)()):
         return False
@@ -245,11 +245,11 @@ def shared_prompt_forward(
     first = groups.first
     cache = DynamicCache(config=model.config)
     extra: dict[str, Any] = {"output_hidden_states": True} if hidden else {}
+    extra[cache_keyword(model) or "past_key_values"] = cache
     out = model(
         input_ids=prompt_ids[first],
         attention_mask=attn[first, :p],
         position_ids=position_ids[first, :p],  # a prompt's positions depend on the prompt alone
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,  # the last prompt position predicts the first completion token
         **extra,
@@ -259,7 +259,6 @@ def shared_prompt_forward(
         input_ids=completion,
         attention_mask=attn,
         position_ids=position_ids[:, p:],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=t if logits else 1,  # an int counts from the end: the last one goes unused
         **extra,
@@ -290,6 +289,13 @@ def _accepts(model: Any, name: str) -> bool:
             known = name in own or (passes_on and name in _parameters(target))
         _ACCEPTS[key] = known
     return known
+
+
+def cache_keyword(model: Any) -> str | None:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is deprecated there, and gone in 5.40), ``past_key_values`` before; None for a
+    model that takes no cache."""
+    return next((name for name in ("cache", "past_key_values") if _accepts(model, name)), None)
 
 
 def _parameters(model: Any) -> dict[str, inspect.Parameter]:

@@ -33,6 +33,7 @@ from rlx.models.logprobs import (
     CompletionScores,
     FusedLoss,
     _accepts,
+    cache_keyword,
     decode_head,
     head_logits_into,
     keep_no_logits,
@@ -333,6 +334,7 @@ class Policy:
         buf: Tensor | None = None  # the decode steps' logits when `decode_head` allows it
         if cached:
             cache = DynamicCache(config=self.model.config)
+            with_cache = {cache_keyword(self.model) or "past_key_values": cache}
             attn = prompt_mask.long()
             position_ids = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
             step_ids = prompt_ids
@@ -355,8 +357,8 @@ class Policy:
                     input_ids=step_ids[rows],
                     attention_mask=attn[rows],
                     position_ids=position_ids[rows],
-                    past_key_values=cache,
                     use_cache=True,
+                    **with_cache,
                     **(no_logits if own_head else keep),
                 )
                 if own_head:
