@@ -99,7 +99,7 @@ ROWS = {
 
 # Dense bf16 tensor-core peaks (TFLOP/s, the vendors' data sheets) for the update's MFU on a GPU;
 # --peak-tflops gives any other. The first name that occurs in torch.cuda.get_device_name() wins.
-GPU_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+GPU_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 # --------------------------------------------------------------------------------------------------
