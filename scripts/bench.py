@@ -446,10 +446,27 @@ def update_flops(row: str) -> float:
     return 6.0 * (body * (spec["prompts"] * p + n * t) + n * vocab * h * (t + 1))
 
 
+def versions() -> dict[str, str]:
+    """The installed versions the figures depend on (read from the metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "rlx"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def n_tokens(row: str) -> int:
     """Completion tokens of one step at max length."""
     spec = ROWS[row]
     return spec["prompts"] * spec["group"] * spec["new_tokens"]
+
+
+def stack(results: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in results["versions"].items())
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
@@ -466,7 +483,8 @@ def gpu_table(results: dict, reps: int) -> list[str]:
     times it), and of the whole step (sampling included) for both."""
     lines = [
         f"rlx vs TRL GRPOTrainer on {results['device']}, bf16 autocast over float32 weights "
-        f"({results['date']}, {reps} rep(s), medians; MFU against {results['gpu_bf16_tflops']} TFLOP/s)",
+        f"({results['date']}, {reps} rep(s), medians; MFU against {results['gpu_bf16_tflops']} TFLOP/s; "
+        f"{stack(results)})",
         "",
         "| row | rlx s/step (min) | TRL s/step (min) | rlx / TRL steps/s | tokens/s rlx / TRL "
         "| peak GPU MB rlx / TRL | rlx / TRL memory | rlx update MFU | step MFU rlx / TRL |",
@@ -557,6 +575,7 @@ def main() -> None:
                 raw[row][fw].append(measure(fw, row, root, out, rep, args.threads, args.device))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads}
     results["device"] = peaks.get("gpu", "cpu")
+    results["versions"] = versions()
     results["load_avg"] = list(os.getloadavg())
     results["matmul_gflops"] = peak
     results["gpu_bf16_tflops"] = gpu_peak
@@ -597,7 +616,7 @@ def main() -> None:
         return
     lines = [
         f"rlx vs TRL GRPOTrainer ({results['date']}, {args.threads} thread(s), "
-        f"load {results['load_avg'][0]:.1f}, {args.reps} rep(s), medians)",
+        f"load {results['load_avg'][0]:.1f}, {args.reps} rep(s), medians; {stack(results)})",
         "",
         "| row | rlx s/step (min) | TRL s/step (min) | rlx / TRL steps/s | rlx peak MB | TRL peak MB "
         "| rlx / TRL memory | rlx update / matmul peak |",
