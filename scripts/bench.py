@@ -16,10 +16,12 @@ step per batch, AdamW with torch's fused kernel (both defaults: rlx's conf/train
 
 ``--device cuda`` runs both on the GPU with bf16 autocast over float32 weights (rlx
 ``trainer.precision=bf16``, TRL ``bf16=True``) and reports, beside seconds per step, completion tokens
-per second, the peak of torch's allocator (rlx: the largest ``memory/cuda_max_allocated_gb`` of its
-metrics; TRL: ``torch.cuda.max_memory_allocated()`` after training) and MFU against the GPU's data-sheet
-bf16 peak (``GPU_BF16_TFLOPS``, or ``--peak-tflops``). Written for the issue's GPU check and not yet run
-on a GPU (none was lent while it was written).
+per second, the peak of torch's allocator, and MFU against the GPU's data-sheet bf16 peak
+(``GPU_BF16_TFLOPS``, or ``--peak-tflops``). rlx's peak is the largest ``memory/cuda_max_allocated_gb``
+of its metrics: each step's own peak, the first step's including the model's load, the final evaluation
+after the last step not included. TRL's is ``torch.cuda.max_memory_allocated()`` after training: the
+whole run's. Written for the issue's GPU check and not yet run on a GPU (none was lent while it was
+written).
 
 Each measurement is one fresh process (``rlx train`` through its console script; TRL's GRPOTrainer
 in a small driver), run one at a time, the frameworks interleaved (rlx, TRL, rlx, TRL, ...) and
