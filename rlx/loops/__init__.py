@@ -196,6 +196,19 @@ def chunks(rows: Rows, size: int | None) -> Iterator[Rows]:
         yield rows[start : start + size]  # type: ignore[misc]
 
 
+def host_floats(figures: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """A micro-batch's figures (loss, metrics) as Python floats, the scalar tensors copied from their
+    device in one transfer, where one ``.item()`` each would be a host sync each on a GPU (h12). Through
+    float64, so each is the value ``.item()`` gives; Python numbers stay as they are."""
+    tensors = {k: v for k, v in figures.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in figures.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors.values()])
+        out.update(zip(tensors, stacked.tolist(), strict=True))
+    return out
+
+
 class SavesItself(Protocol):
     def save(self, path: str | Path) -> None: ...
 

@@ -39,7 +39,7 @@ from rlx.data import DataSettings, read_examples
 from rlx.data.encode import Encoded, encode_rows, pack_rows
 from rlx.errors import require
 from rlx.evaluate import evaluate, shard_bounds
-from rlx.loops import LOOPS, LoopContext, Plan
+from rlx.loops import LOOPS, LoopContext, Plan, host_floats
 from rlx.loops.offline_feeds import FEEDS, Feed, Items, offline_step
 from rlx.loops.online_settings import OnlineAlgoSettings
 from rlx.losses.preference import PREFERENCE_LOSSES
@@ -320,9 +320,10 @@ class OfflineTrainer:
                 rows = list(range(start, min(start + size, hi)))
                 norm = max(self.feed.norm(data, rows), 1.0)
                 loss, metrics = self.feed.micro_loss(data, rows, cache, norm)
-                sums["loss"] += loss.item() * norm
-                for k, v in metrics.items():
-                    sums[k] += v * norm
+                read = host_floats({**metrics, "loss": loss})
+                sums["loss"] += read["loss"] * norm
+                for k in metrics:
+                    sums[k] += read[k] * norm
                 total_norm += norm
         totals = distributed.all_reduce_dict(
             {**sums, "__norm__": total_norm}, keys=[*distributed.union_keys(sums), "__norm__"]

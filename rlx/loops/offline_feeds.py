@@ -37,7 +37,7 @@ from rlx.distributed import (
     passes_everywhere,
     union_keys,
 )
-from rlx.loops import chunks
+from rlx.loops import chunks, host_floats
 from rlx.loops.optim import optimizer_step
 from rlx.losses.aggregation import token_mean
 from rlx.masked import masked_sum
@@ -101,9 +101,10 @@ class Feed:
 
     def micro_loss(
         self, data: Items, rows: list[int], cache: Tensor | None, norm: float
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The loss of ``rows`` normalised by the whole batch's ``norm``, and its metrics (sums / norm).
-        ``cache``: precomputed reference log-probs ``[N, 2]`` of ``data`` (pairs), else None."""
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The loss of ``rows`` normalised by the whole batch's ``norm``, and its metrics (sums / norm),
+        left on the device for the caller to read at once (`host_floats`). ``cache``: precomputed
+        reference log-probs ``[N, 2]`` of ``data`` (pairs), else None."""
         raise NotImplementedError
 
     # the frozen reference (pairs only): set up, checkpointed, used
@@ -152,7 +153,7 @@ class CompletionsFeed(Feed):
         loss = self.sft_loss(logp, None, mask=mask, norm=norm)
         if head_grad is not None:  # the log-probs carry no gradient: the zero `head_grad` does
             loss = loss.detach() + head_grad
-        return loss, {"loss/sft": loss.item()}
+        return loss, {"loss/sft": loss}
 
     def sft_loss(self, logp: Tensor, entropy: Tensor | None, *, mask: Tensor, norm: float) -> Tensor:
         """The loss's per-token values, ``token_mean`` over the batch's ``norm`` tokens."""
@@ -271,7 +272,7 @@ class PairsFeed(Feed):
         per_pair, m = self.loss(lc, ll, refc, refl, **self.loss_data(data, rows))
         loss = per_pair.sum() / norm
         m = {**m, "logps/chosen": lc.detach().sum(), "logps/rejected": ll.detach().sum()}
-        return loss, {k: float(v) / norm for k, v in m.items()}
+        return loss, per_norm(m, norm)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -339,7 +340,7 @@ class RewardPairsFeed(Feed):
     ) -> tuple[Tensor, dict[str, float]]:
         assert isinstance(data, Encoded)
         per_pair, m = self.loss(*self.rewards(data, rows))
-        return per_pair.sum() / norm, {k: float(v) / norm for k, v in m.items()}
+        return per_pair.sum() / norm, per_norm(m, norm)
 
     def eval_metrics(self, out: dict[str, float]) -> dict[str, float]:
         for old, new in (("eval/rm/accuracy", "eval/pair_accuracy"), ("eval/rm/margin", "eval/margin")):
@@ -351,6 +352,14 @@ class RewardPairsFeed(Feed):
 FEEDS: dict[str, type[Feed]] = {
     f.inputs: f for f in (CompletionsFeed, PairsFeed, ScoredPairsFeed, RewardPairsFeed)
 }
+
+
+def per_norm(metrics: dict[str, Any], norm: float) -> dict[str, Tensor | float]:
+    """Each metric (a sum over the micro-batch's rows) divided by the batch's ``norm``, in float64 and
+    still on the device: the value ``float(v) / norm`` gives, without reading it yet."""
+    return {
+        k: (v.detach().double() if isinstance(v, Tensor) else float(v)) / norm for k, v in metrics.items()
+    }
 
 
 def zero_weight_pass(feed: Feed, data: Items, rows: list[int], cache: Tensor | None, norm: float) -> bool:
@@ -403,16 +412,17 @@ def offline_step(
                 continue
             part = parts[k]
             loss, metrics = feed.micro_loss(data, part, cache, norm)
+            read = host_floats({**metrics, "loss": loss})  # one transfer, before the backward
             everywhere = finite_everywhere(loss, feed.model)  # h11f: fsdp2 agrees before backward
-            if not math.isfinite(loss.item()):
-                bad = (loss.item(), "loss")
+            if not math.isfinite(read["loss"]):
+                bad = (read["loss"], "loss")
                 break
             if not everywhere:  # another rank's loss is not finite: stop here too (agreed below)
                 break
             loss.backward()
-            total += loss.item()
-            for k, v in metrics.items():
-                sums[k] += v
+            total += read["loss"]
+            for k in metrics:
+                sums[k] += read[k]
         if not guard.agreed_ok(bad, "loss", step):  # on_nonfinite=skip: drop this update (every rank)
             optimizer.zero_grad(set_to_none=True)
             return {"nonfinite/skipped": float(guard.skipped)}

@@ -48,7 +48,7 @@ from rlx.distributed import (
     passes_everywhere,
     union_keys,
 )
-from rlx.loops import NonFiniteGuard, chunks
+from rlx.loops import NonFiniteGuard, chunks, host_floats
 from rlx.loops.optim import optimizer_step, zero_grad
 from rlx.losses.aggregation import token_mean
 from rlx.losses.value import clipped_value_loss
@@ -243,18 +243,6 @@ def minibatch_gradients(
     # h11: the metrics are shares of the global minibatch: their sum over ranks is its value
     m = defaultdict(float, all_reduce_dict(m, keys=union_keys(m)))
     return m, all_reduce_sum(kl_old_sum) / max(num_tokens, 1.0)
-
-
-def host_floats(figures: dict[str, Tensor | float]) -> dict[str, float]:
-    """Scalar tensors as Python floats, copied from their device in one transfer (float64 on the way,
-    so each is the value ``.item()`` gives); Python numbers as they are."""
-    tensors: dict[str, Tensor] = {k: v for k, v in figures.items() if isinstance(v, Tensor)}
-    out = {k: float(v) for k, v in figures.items() if not isinstance(v, Tensor)}
-    if tensors:
-        device = next(iter(tensors.values())).device
-        stacked = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors.values()])
-        out.update(zip(tensors, stacked.tolist(), strict=True))
-    return out
 
 
 @dataclass
